@@ -1,0 +1,235 @@
+"""Structured configs for Hydra and the value checks behind them.
+
+The top-level schema (``ExperimentConfig``) puts Hydra in struct mode, so a misspelled
+top-level or group key is refused while the command line is parsed. Each config group entry
+is then checked against the dataclass for its ``name`` (unknown keys, wrong types, values out
+of range), and every error names the dotted key, e.g. ``partition.alpha``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value; the message starts with the offending key."""
+
+
+def _require(ok: bool, key: str, why: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {why} (got {value!r})")
+
+
+@dataclass
+class SimulationConfig:
+    num_clients: int = 10
+    fraction: float = 1.0
+    # inline: Flower Messages delivered to the ClientApp in this process (fast, the default);
+    # ray: Flower's simulation engine (one Ray actor per client_cpus).
+    backend: str = "inline"
+    client_cpus: float = 1.0
+    client_gpus: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(self.num_clients >= 1, "simulation.num_clients", "must be >= 1", self.num_clients)
+        _require(0 < self.fraction <= 1, "simulation.fraction", "must be in (0, 1]", self.fraction)
+        _require(self.backend in ("inline", "ray"), "simulation.backend", "must be 'inline' or 'ray'", self.backend)
+        _require(self.client_cpus > 0, "simulation.client_cpus", "must be > 0", self.client_cpus)
+        _require(self.client_gpus >= 0, "simulation.client_gpus", "must be >= 0", self.client_gpus)
+
+
+@dataclass
+class TrainConfig:
+    """Local training on each sampled client. ``steps`` (if set) overrides ``epochs``."""
+
+    epochs: int = 1
+    steps: Optional[int] = None
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    eval_batch_size: int = 1000
+
+    def __post_init__(self) -> None:
+        _require(self.epochs >= 1, "train.epochs", "must be >= 1", self.epochs)
+        _require(self.steps is None or self.steps >= 1, "train.steps", "must be >= 1 or null", self.steps)
+        _require(self.batch_size >= 1, "train.batch_size", "must be >= 1", self.batch_size)
+        _require(self.lr > 0, "train.lr", "must be > 0", self.lr)
+        _require(0 <= self.momentum < 1, "train.momentum", "must be in [0, 1)", self.momentum)
+        _require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0", self.weight_decay)
+        _require(self.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1", self.eval_batch_size)
+
+
+@dataclass
+class ExperimentConfig:
+    """Top-level schema; the groups are checked by their own dataclasses below."""
+
+    dataset: Any = MISSING
+    partition: Any = MISSING
+    model: Any = MISSING
+    strategy: Any = MISSING
+    compressor: Any = MISSING
+    network: Any = MISSING
+    num_rounds: int = 5
+    seed: int = 0
+    eval_every: int = 1
+    target_accuracy: Optional[float] = None
+    verbose: bool = False
+    progress: bool = True
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ---- config groups -------------------------------------------------------------------------
+
+
+@dataclass
+class SyntheticParams:
+    num_train: int = 2000
+    num_test: int = 500
+    num_features: int = 32
+    num_classes: int = 10
+    seed: int = 0
+    noise: float = 1.0
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING
+    root: Optional[str] = None
+    download: bool = False
+    synthetic: Optional[SyntheticParams] = None
+
+    def __post_init__(self) -> None:
+        known = ("fmnist", "mnist", "cifar10", "synthetic")
+        _require(self.name in known, "dataset.name", f"must be one of {known}", self.name)
+
+
+@dataclass
+class IidPartition:
+    name: str = "iid"
+
+
+@dataclass
+class DirichletPartition:
+    name: str = "dirichlet"
+    alpha: float = 0.5
+    min_samples: int = 1
+
+    def __post_init__(self) -> None:
+        _require(self.alpha > 0, "partition.alpha", "must be > 0", self.alpha)
+        _require(self.min_samples >= 1, "partition.min_samples", "must be >= 1", self.min_samples)
+
+
+@dataclass
+class VolumeSkewPartition:
+    name: str = "volume_skew"
+    skew_ratio: float = 10.0
+    label_alpha: Optional[float] = None
+    min_samples: int = 1
+
+    def __post_init__(self) -> None:
+        _require(self.skew_ratio >= 1, "partition.skew_ratio", "must be >= 1", self.skew_ratio)
+        _require(self.label_alpha is None or self.label_alpha > 0, "partition.label_alpha", "must be > 0 or null", self.label_alpha)
+        _require(self.min_samples >= 1, "partition.min_samples", "must be >= 1", self.min_samples)
+
+
+@dataclass
+class ShardsPartition:
+    name: str = "shards"
+    shards_per_client: int = 2
+
+    def __post_init__(self) -> None:
+        _require(self.shards_per_client >= 1, "partition.shards_per_client", "must be >= 1", self.shards_per_client)
+
+
+PARTITIONS = {
+    "iid": IidPartition,
+    "dirichlet": DirichletPartition,
+    "volume_skew": VolumeSkewPartition,
+    "shards": ShardsPartition,
+}
+
+
+@dataclass
+class Heterogeneity:
+    """How per-client links differ: ``none``; ``lognormal`` (bandwidth x exp(N(-s^2/2, s^2)),
+    mean factor 1); or ``csv`` (columns client, uplink_mbps, downlink_mbps, latency_ms,
+    speed_factor; missing columns fall back to the preset)."""
+
+    kind: str = "none"
+    sigma: float = 0.5
+    path: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        _require(self.kind in ("none", "lognormal", "csv"), "network.heterogeneity.kind", "must be none, lognormal or csv", self.kind)
+        _require(self.sigma >= 0, "network.heterogeneity.sigma", "must be >= 0", self.sigma)
+        _require(self.kind != "csv" or bool(self.path), "network.heterogeneity.path", "is required when kind=csv", self.path)
+
+
+@dataclass
+class NetworkConfig:
+    name: str = MISSING
+    uplink_mbps: float = 1000.0
+    downlink_mbps: float = 1000.0
+    latency_ms: float = 0.0
+    # Local compute time = measured seconds x compute_scale x the client's speed factor.
+    compute_scale: float = 1.0
+    heterogeneity: Heterogeneity = field(default_factory=Heterogeneity)
+
+    def __post_init__(self) -> None:
+        _require(self.uplink_mbps > 0, "network.uplink_mbps", "must be > 0", self.uplink_mbps)
+        _require(self.downlink_mbps > 0, "network.downlink_mbps", "must be > 0", self.downlink_mbps)
+        _require(self.latency_ms >= 0, "network.latency_ms", "must be >= 0", self.latency_ms)
+        _require(self.compute_scale >= 0, "network.compute_scale", "must be >= 0", self.compute_scale)
+
+
+def register_schema() -> None:
+    ConfigStore.instance().store(name="experiment_schema", node=ExperimentConfig)
+
+
+def _check_group(group: str, node: DictConfig, schema: type) -> Any:
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), node)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or getattr(exc, "key", None) or "?"
+        raise ConfigError(f"{group}.{key}: {exc.msg if hasattr(exc, 'msg') else exc}".split("\n")[0]) from None
+
+
+def _check_kwargs(group: str, factory: Any, params: dict[str, Any], skip: int) -> None:
+    """Refuse keys a factory does not take (``skip`` leading positional inputs)."""
+    sig = inspect.signature(factory)
+    accepted = list(sig.parameters)[skip:]
+    if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+        return
+    for key in params:
+        _require(key in accepted, f"{group}.{key}", f"unknown option; {group} takes {accepted}", params[key])
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check every part of an experiment config; raise ``ConfigError`` naming the key."""
+    from fedcomp.models.zoo import MODELS
+
+    _require(cfg.num_rounds >= 1, "num_rounds", "must be >= 1", cfg.num_rounds)
+    _require(cfg.eval_every >= 1, "eval_every", "must be >= 1", cfg.eval_every)
+    t = cfg.target_accuracy
+    _require(t is None or 0 < t <= 1, "target_accuracy", "must be in (0, 1] or null", t)
+    _check_group("simulation", cfg.simulation, SimulationConfig)
+    _check_group("train", cfg.train, TrainConfig)
+    _check_group("dataset", cfg.dataset, DatasetConfig)
+    _require(cfg.partition.get("name") in PARTITIONS, "partition.name", f"must be one of {list(PARTITIONS)}", cfg.partition.get("name"))
+    _check_group("partition", cfg.partition, PARTITIONS[cfg.partition.name])
+    _check_group("network", cfg.network, NetworkConfig)
+    model = OmegaConf.to_container(cfg.model)
+    _require(model.get("name") in MODELS, "model.name", f"must be one of {sorted(MODELS)}", model.get("name"))
+    _check_kwargs("model", MODELS[model.pop("name")], model, skip=2)
+    for direction in ("up", "down"):
+        _require(direction in cfg.compressor, f"compressor.{direction}", "is required", None)
+    _require("_target_" in cfg.strategy, "strategy._target_", "is required (the strategy class)", None)

@@ -1,0 +1,126 @@
+"""Engines that run the ServerApp against the ClientApp.
+
+``inline`` (default): ``InlineGrid`` is a Flower ``Grid`` that hands each Message straight to
+the ClientApp in this process, one node after another, with a persistent ``Context`` per node.
+The apps, the strategy and every Message are the same as under Flower's engines; what goes is
+the process/actor hop, which costs more than the local training of a small model.
+
+``ray``: Flower's simulation engine (``flwr.simulation.run_simulation``), one Ray actor per
+``simulation.client_cpus``. Use it when clients need isolation or several GPUs.
+
+Users scaling past one machine run the same apps with ``flwr run`` (see README).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+from omegaconf import DictConfig
+
+from fedcomp.fl.client_app import make_client_app
+from fedcomp.fl.server_app import make_server_app, run_server
+
+SERVER_NODE_ID = 1  # Flower's SUPERLINK_NODE_ID
+
+
+class InlineGrid(Grid):
+    """A Grid whose nodes are ClientApp calls in this process."""
+
+    def __init__(self, client_app: ClientApp, num_nodes: int, run_config: dict[str, Any] | None = None, run_id: int = 1) -> None:
+        self._app = client_app
+        self._run_id = run_id
+        # Node ids start above the server's id, as Flower's are distinct from it.
+        self._contexts = {
+            SERVER_NODE_ID + 1 + i: Context(
+                run_id=run_id,
+                node_id=SERVER_NODE_ID + 1 + i,
+                node_config={"partition-id": i, "num-partitions": num_nodes},
+                state=RecordDict(),
+                run_config=dict(run_config or {}),
+            )
+            for i in range(num_nodes)
+        }
+        self._replies: dict[str, Message] = {}
+        self._run = None
+
+    def set_run(self, run) -> None:
+        self._run = run
+
+    @property
+    def run(self):
+        return self._run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self._contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for msg in messages:
+            if msg.metadata.dst_node_id not in self._contexts:
+                raise ValueError(f"no node {msg.metadata.dst_node_id}")
+            # The id a SuperLink would assign (Flower's InMemoryGrid does the same).
+            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            # Client errors propagate with their traceback: a simulator should fail loudly.
+            self._replies[msg.metadata.message_id] = self._app(msg, self._contexts[msg.metadata.dst_node_id])
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self._replies.pop(i) for i in message_ids if i in self._replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return list(self.pull_messages(self.push_messages(messages)))
+
+
+def run_inline(cfg: DictConfig, out_dir: str | Path, run_id: int = 1) -> dict[str, Any]:
+    # Flower's runtimes declare which task this process is before a ServerApp builds Messages.
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = run_id, 1, SERVER_NODE_ID
+    grid = InlineGrid(make_client_app(cfg), cfg.simulation.num_clients, run_id=run_id)
+    return run_server(grid, cfg, out_dir)
+
+
+def run_ray(cfg: DictConfig, out_dir: str | Path) -> None:
+    from flwr.simulation import run_simulation
+
+    backend_config = {
+        "client_resources": {"num_cpus": cfg.simulation.client_cpus, "num_gpus": cfg.simulation.client_gpus},
+        "init_args": {"log_to_driver": bool(cfg.verbose), "logging_level": logging.INFO if cfg.verbose else logging.ERROR},
+    }
+    if not cfg.verbose:
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run_simulation(
+            server_app=make_server_app(cfg, out_dir),
+            client_app=make_client_app(cfg),
+            num_supernodes=cfg.simulation.num_clients,
+            backend_config=backend_config,
+            verbose_logging=bool(cfg.verbose),
+        )
+
+
+def run_experiment(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
+    """Run with the configured backend; return the summary written to ``out_dir``."""
+    if cfg.simulation.backend == "ray":
+        import json
+
+        run_ray(cfg, out_dir)
+        summary_path = Path(out_dir) / "summary.json"
+        if not summary_path.is_file():
+            raise RuntimeError(f"the Ray simulation ended without writing {summary_path}; rerun with verbose=true")
+        return json.loads(summary_path.read_text())
+    return run_inline(cfg, out_dir)

@@ -1,0 +1,48 @@
+"""Local SGD on a client's shard and centralized evaluation; plain PyTorch, no Flower."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fedcomp.data import TensorData
+
+
+def train_local(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, steps: int | None,
+    batch_size: int, lr: float, momentum: float, weight_decay: float, generator: torch.Generator,
+) -> float:
+    """Run SGD over (x, y): ``steps`` mini-batches if given, else ``epochs`` passes.
+    Batches are drawn from a fresh permutation per pass. Returns the mean training loss."""
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    n = len(y)
+    per_epoch = -(-n // batch_size)
+    total = steps if steps is not None else epochs * per_epoch
+    loss_sum, done = torch.zeros(()), 0
+    while done < total:
+        perm = torch.randperm(n, generator=generator)
+        for start in range(0, n, batch_size):
+            if done == total:
+                break
+            idx = perm[start : start + batch_size]
+            opt.zero_grad(set_to_none=True)
+            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+            loss.backward()
+            opt.step()
+            loss_sum += loss.detach()
+            done += 1
+    return float(loss_sum) / max(total, 1)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: TensorData, batch_size: int) -> tuple[float, float]:
+    """Return (accuracy, mean cross-entropy) of ``model`` on ``data``."""
+    model.eval()
+    correct, loss_sum = 0, 0.0
+    for start in range(0, len(data), batch_size):
+        out = model(data.x[start : start + batch_size])
+        target = data.y[start : start + batch_size]
+        loss_sum += float(nn.functional.cross_entropy(out, target, reduction="sum"))
+        correct += int((out.argmax(1) == target).sum())
+    return correct / len(data), loss_sum / len(data)

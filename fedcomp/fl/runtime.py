@@ -1,0 +1,66 @@
+"""Everything a process derives from the config once: data, partition, model, compressors.
+
+Server and clients build the same ``Runtime`` from the same config, so the partition (a pure
+function of the seed) and the model layout agree without being sent. One instance per config
+per process is cached: Ray actors and the inline engine reuse it across rounds and clients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from fedcomp.compression import Compressor
+from fedcomp.data import TensorData, load_dataset
+from fedcomp.models import StateLayout, build_model
+from fedcomp.partition import Partition, make_partition
+
+
+@dataclass
+class Runtime:
+    cfg: DictConfig
+    train: TensorData
+    test: TensorData
+    partition: Partition
+    model: torch.nn.Module  # scratch model, reused for every local training run
+    layout: StateLayout
+    _compressors: dict[str, Compressor] = field(default_factory=dict)
+
+    def new_model(self) -> torch.nn.Module:
+        return build_model(self.cfg.model, self.train.input_shape, self.train.num_classes, self.cfg.seed)
+
+    def client_data(self, partition_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.from_numpy(self.partition.indices[partition_id])
+        return self.train.x[idx], self.train.y[idx]
+
+    def compressor(self, direction: str) -> Compressor:
+        """The process's compressor for ``direction`` ("up" or "down"), built once."""
+        if direction not in self._compressors:
+            self._compressors[direction] = instantiate(self.cfg.compressor[direction])
+        return self._compressors[direction]
+
+
+def _warm_up(model: torch.nn.Module, data: TensorData) -> None:
+    """One forward/backward pass and an optimizer, so one-off set-up (the first optimizer
+    imports torch's compiler stack, ~3 s) is not counted as the first client's compute time."""
+    torch.nn.functional.cross_entropy(model(data.x[:2]), data.y[:2]).backward()
+    torch.optim.SGD(model.parameters(), lr=0.0)
+    model.zero_grad(set_to_none=True)
+
+
+@lru_cache(maxsize=2)
+def _runtime(cfg_yaml: str) -> Runtime:
+    cfg = OmegaConf.create(cfg_yaml)
+    train, test = load_dataset(cfg.dataset)
+    partition = make_partition(cfg.partition, train.y.numpy(), train.num_classes, cfg.simulation.num_clients, cfg.seed)
+    model = build_model(cfg.model, train.input_shape, train.num_classes, cfg.seed)
+    _warm_up(model, train)
+    return Runtime(cfg, train, test, partition, model, StateLayout.of(model))
+
+
+def get_runtime(cfg: DictConfig) -> Runtime:
+    return _runtime(OmegaConf.to_yaml(cfg, resolve=True))

@@ -1,0 +1,82 @@
+"""The ServerApp: build the strategy from the config and run the rounds on a Flower Grid.
+
+``make_server_app(cfg, out_dir)`` binds a composed config; the module-level ``app`` is what
+``flwr run`` loads, reading ``overrides`` and ``output-dir`` from the run config.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from fedcomp.fl.client_app import config_from_overrides
+from fedcomp.fl.local import evaluate
+from fedcomp.fl.runtime import get_runtime
+from fedcomp.metrics import MetricsRecorder, RoundStats
+from fedcomp.network import NetworkModel
+from fedcomp.progress import RoundProgress
+
+
+def run_server(grid: Grid, cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
+    """Run ``cfg.num_rounds`` rounds on ``grid``; write metrics to ``out_dir``; return the summary."""
+    if not cfg.verbose:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+    rt = get_runtime(cfg)
+    recorder = MetricsRecorder(out_dir, cfg, cfg.target_accuracy)
+    recorder.save_partition(rt.partition)
+    # _partial_: Hydra would turn the objects passed below into configs.
+    strategy = instantiate(cfg.strategy, _partial_=True)(
+        up=rt.compressor("up"),
+        down=rt.compressor("down"),
+        network=NetworkModel.from_config(cfg.network, cfg.simulation.num_clients, cfg.seed),
+        fraction=cfg.simulation.fraction,
+        seed=cfg.seed,
+    )
+    eval_model = rt.new_model()
+    initial_accuracy: list[float] = []
+
+    with RoundProgress(cfg.num_rounds, enabled=cfg.progress) as progress:
+
+        def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+            due = server_round == cfg.num_rounds or server_round % cfg.eval_every == 0
+            acc = loss = None
+            if due or server_round == 0:
+                eval_model.load_state_dict(arrays.to_torch_state_dict())
+                acc, loss = evaluate(eval_model, rt.test, cfg.train.eval_batch_size)
+            if server_round == 0:
+                initial_accuracy.append(acc)
+                return MetricRecord({"accuracy": acc, "loss": loss})
+            stats: RoundStats = strategy.rounds[server_round]
+            row = recorder.record(stats, acc, loss)
+            progress.update(row)
+            return MetricRecord({"accuracy": acc, "loss": loss}) if due else None
+
+        strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(eval_model.state_dict()),
+            num_rounds=cfg.num_rounds,
+            train_config=ConfigRecord({}),
+            evaluate_fn=evaluate_fn,
+        )
+    return recorder.finish(initial_accuracy[0] if initial_accuracy else None)
+
+
+def make_server_app(cfg: DictConfig | None = None, out_dir: str | Path | None = None) -> ServerApp:
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_cfg = cfg if cfg is not None else config_from_overrides(str(context.run_config.get("overrides", "")))
+        where = out_dir if out_dir is not None else context.run_config.get("output-dir", "outputs/flwr")
+        run_server(grid, run_cfg, where)
+
+    return app
+
+
+app = make_server_app()
