@@ -93,7 +93,7 @@ class ExperimentConfig:
 class SyntheticParams:
     num_train: int = 2000
     num_test: int = 500
-    num_features: int = 32
+    shape: list[int] = field(default_factory=lambda: [1, 12, 12])
     num_classes: int = 10
     seed: int = 0
     noise: float = 1.0

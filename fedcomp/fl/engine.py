@@ -14,7 +14,6 @@ Users scaling past one machine run the same apps with ``flwr run`` (see README).
 from __future__ import annotations
 
 import logging
-import os
 import uuid
 import warnings
 from collections.abc import Iterable
@@ -100,8 +99,9 @@ def run_ray(cfg: DictConfig, out_dir: str | Path) -> None:
         "init_args": {"log_to_driver": bool(cfg.verbose), "logging_level": logging.INFO if cfg.verbose else logging.ERROR},
     }
     if not cfg.verbose:
-        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-        logging.getLogger("flwr").setLevel(logging.WARNING)
+        # run_simulation's own deprecation notice and the SuperLink's database set-up logs.
+        logging.getLogger("flwr").setLevel(logging.ERROR)
+        logging.getLogger("alembic").setLevel(logging.WARNING)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         run_simulation(

@@ -49,9 +49,11 @@ class CompressedFedAvg(Strategy):
 
     def sample(self, node_ids: list[int], server_round: int) -> list[int]:
         """Draw ``fraction`` of the nodes without replacement, reproducibly per (seed, round)."""
+        node_ids = sorted(node_ids)
         m = max(1, round(self.fraction * len(node_ids)))
-        rng = np.random.default_rng([self.seed, server_round])
-        return sorted(rng.choice(sorted(node_ids), size=m, replace=False).tolist())
+        picked = np.random.default_rng([self.seed, server_round]).choice(len(node_ids), size=m, replace=False)
+        # Index, not choose from, the ids: Flower's are 64-bit and must stay Python ints.
+        return [node_ids[i] for i in sorted(picked)]
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
