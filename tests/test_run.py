@@ -9,6 +9,7 @@ from fedcomp.fl import messages as M
 from fedcomp.fl.client_app import make_client_app
 from fedcomp.fl.engine import InlineGrid, run_inline
 from fedcomp.fl.server_app import run_server
+from fedcomp.fl.strategy import CompressedFedAvg
 from fedcomp.metrics.recorder import CSV_COLUMNS
 
 
@@ -116,3 +117,24 @@ def test_ray_backend_matches_inline(fast_cfg, tmp_path):
     for key in ("total_bytes_up", "total_bytes_down", "rounds"):
         assert ray_summary[key] == inline_summary[key]
     assert ray_summary["final_accuracy"] == pytest.approx(inline_summary["final_accuracy"], abs=1e-6)
+
+
+class HalfStepFedAvg(CompressedFedAvg):
+    """A plug-in strategy as the README shows: one class, selected by ``strategy._target_``."""
+
+    def __init__(self, *, shrink: float, **kwargs):
+        super().__init__(**kwargs)
+        self.shrink = shrink
+        self.steps = []
+
+    def apply_update(self, update):
+        step = self.shrink * super().apply_update(update)
+        self.steps.append(float(step.norm()))
+        return step
+
+
+def test_custom_strategy_plugs_in_by_target(fast_cfg, tmp_path):
+    base = run_inline(fast_cfg(), tmp_path / "base")
+    custom = run_inline(fast_cfg(f"strategy._target_={__name__}.HalfStepFedAvg", "+strategy.shrink=0.0"), tmp_path / "custom")
+    assert custom["final_accuracy"] == custom["initial_accuracy"]  # a zero step never moves the model
+    assert base["final_accuracy"] != base["initial_accuracy"]

@@ -27,20 +27,16 @@ def train_on_client(cfg: DictConfig, msg: Message, partition_id: int) -> Message
     config = msg.content[M.CONFIG]
     received = rt.compressor("down").decompress(msg.content[M.DOWN][M.PAYLOAD])
     rt.layout.load(rt.model, received)
-    x, y = rt.client_data(partition_id)
-    t = cfg.train
+    indices = rt.client_indices(partition_id)
     seed = np.random.SeedSequence([cfg.seed, int(config["server-round"]), partition_id]).generate_state(1)[0]
     generator = torch.Generator().manual_seed(int(seed))
     start = time.perf_counter()
-    loss = train_local(
-        rt.model, x, y, epochs=t.epochs, steps=t.steps, batch_size=t.batch_size, lr=t.lr,
-        momentum=t.momentum, weight_decay=t.weight_decay, generator=generator,
-    )
+    loss = train_local(rt.model, rt.train.x, rt.train.y, indices, generator=generator, **rt.local_training)
     compute_s = time.perf_counter() - start
     update = rt.layout.flatten(rt.model) - received
     payload = rt.compressor("up").compress(update)
     metrics = MetricRecord({
-        "num-examples": len(y), "train-loss": loss, "compute-s": compute_s, "partition-id": partition_id,
+        "num-examples": len(indices), "train-loss": loss, "compute-s": compute_s, "partition-id": partition_id,
     })
     return Message(RecordDict({M.UP: ConfigRecord({M.PAYLOAD: payload}), M.METRICS: metrics}), reply_to=msg)
 

@@ -9,14 +9,17 @@ from fedcomp.data import TensorData
 
 
 def train_local(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, steps: int | None,
-    batch_size: int, lr: float, momentum: float, weight_decay: float, generator: torch.Generator,
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, *, epochs: int,
+    steps: int | None, batch_size: int, lr: float, momentum: float, weight_decay: float,
+    generator: torch.Generator,
 ) -> float:
-    """Run SGD over (x, y): ``steps`` mini-batches if given, else ``epochs`` passes.
-    Batches are drawn from a fresh permutation per pass. Returns the mean training loss."""
+    """Run SGD on the samples ``indices`` of (x, y): ``steps`` mini-batches if given, else
+    ``epochs`` passes. Batches come from a fresh permutation per pass and are gathered from
+    the shared dataset tensors, so no per-client copy of the data is made.
+    Returns the mean training loss."""
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    n = len(y)
+    n = len(indices)
     per_epoch = -(-n // batch_size)
     total = steps if steps is not None else epochs * per_epoch
     loss_sum, done = torch.zeros(()), 0
@@ -25,7 +28,7 @@ def train_local(
         for start in range(0, n, batch_size):
             if done == total:
                 break
-            idx = perm[start : start + batch_size]
+            idx = indices[perm[start : start + batch_size]]
             opt.zero_grad(set_to_none=True)
             loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
             loss.backward()

@@ -8,7 +8,7 @@ per process is cached: Ray actors and the inline engine reuse it across rounds a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import torch
 from hydra.utils import instantiate
@@ -33,9 +33,15 @@ class Runtime:
     def new_model(self) -> torch.nn.Module:
         return build_model(self.cfg.model, self.train.input_shape, self.train.num_classes, self.cfg.seed)
 
-    def client_data(self, partition_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.from_numpy(self.partition.indices[partition_id])
-        return self.train.x[idx], self.train.y[idx]
+    def client_indices(self, partition_id: int) -> torch.Tensor:
+        return torch.from_numpy(self.partition.indices[partition_id])
+
+    @cached_property
+    def local_training(self) -> dict:
+        """Keyword arguments of ``train_local`` from ``cfg.train``, as plain Python values."""
+        t = self.cfg.train
+        return dict(epochs=t.epochs, steps=t.steps, batch_size=t.batch_size, lr=t.lr,
+                    momentum=t.momentum, weight_decay=t.weight_decay)
 
     def compressor(self, direction: str) -> Compressor:
         """The process's compressor for ``direction`` ("up" or "down"), built once."""
@@ -62,5 +68,15 @@ def _runtime(cfg_yaml: str) -> Runtime:
     return Runtime(cfg, train, test, partition, model, StateLayout.of(model))
 
 
+_BY_ID: dict[int, tuple[DictConfig, Runtime]] = {}
+
+
 def get_runtime(cfg: DictConfig) -> Runtime:
-    return _runtime(OmegaConf.to_yaml(cfg, resolve=True))
+    """The runtime for ``cfg``. Configs are treated as immutable once composed; a lookup by
+    identity first skips re-serialising the config on every client call."""
+    hit = _BY_ID.get(id(cfg))
+    if hit is None or hit[0] is not cfg:
+        if len(_BY_ID) > 16:
+            _BY_ID.clear()
+        hit = _BY_ID[id(cfg)] = (cfg, _runtime(OmegaConf.to_yaml(cfg, resolve=True)))
+    return hit[1]

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ def run_server(grid: Grid, cfg: DictConfig, out_dir: str | Path) -> dict[str, An
     """Run ``cfg.num_rounds`` rounds on ``grid``; write metrics to ``out_dir``; return the summary."""
     if not cfg.verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
+    _wait_for_nodes(grid, cfg.simulation.num_clients)
     rt = get_runtime(cfg)
     recorder = MetricsRecorder(out_dir, cfg, cfg.target_accuracy)
     recorder.save_partition(rt.partition)
@@ -65,6 +67,16 @@ def run_server(grid: Grid, cfg: DictConfig, out_dir: str | Path) -> dict[str, An
             evaluate_fn=evaluate_fn,
         )
     return recorder.finish(initial_accuracy[0] if initial_accuracy else None)
+
+
+def _wait_for_nodes(grid: Grid, expected: int, timeout_s: float = 300.0) -> None:
+    """Under ``flwr run`` SuperNodes may connect after the ServerApp starts; each node's
+    ``partition-id`` indexes one of ``simulation.num_clients`` partitions, so all must be there."""
+    deadline = time.monotonic() + timeout_s
+    while (connected := len(list(grid.get_node_ids()))) < expected:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{connected} of simulation.num_clients={expected} nodes connected after {timeout_s:.0f} s")
+        time.sleep(1.0)
 
 
 def make_server_app(cfg: DictConfig | None = None, out_dir: str | Path | None = None) -> ServerApp:

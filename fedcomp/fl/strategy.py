@@ -55,6 +55,11 @@ class CompressedFedAvg(Strategy):
         # Index, not choose from, the ids: Flower's are 64-bit and must stay Python ints.
         return [node_ids[i] for i in sorted(picked)]
 
+    def apply_update(self, update: torch.Tensor) -> torch.Tensor:
+        """The step added to the global model, given the data-weighted mean update.
+        Override for server optimisers (momentum, Adam, ...)."""
+        return self.server_lr * update
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
@@ -97,7 +102,7 @@ class CompressedFedAvg(Strategy):
         if not stats.clients:
             raise RuntimeError(f"round {server_round}: no client replied")
         num_examples = sum(c.num_examples for c in stats.clients)
-        self._global += self.server_lr * total / num_examples
+        self._global += self.apply_update(total / num_examples)
         stats.sim_time_s = self.network.round_time(
             {c.partition_id: (c.bytes_up, c.bytes_down, c.compute_s) for c in stats.clients}
         )
