@@ -98,6 +98,10 @@ class SyntheticParams:
     seed: int = 0
     noise: float = 1.0
 
+    def __post_init__(self) -> None:
+        _require(len(self.shape) == 3 and min(self.shape) >= 1, "dataset.synthetic.shape", "must be [channels, height, width]", self.shape)
+        _require(self.num_train >= 1 and self.num_test >= 1, "dataset.synthetic.num_train", "and num_test must be >= 1", self.num_train)
+
 
 @dataclass
 class DatasetConfig:
