@@ -102,32 +102,27 @@ def load_fmnist(root: str | None, download: bool) -> tuple[TensorData, TensorDat
     return tuple(_images(*_load_idx_split(found, s), *FMNIST_STATS, 10) for s in ("train", "test"))
 
 
-def _torchvision_missing(name: str, root: str) -> DatasetMissingError:
-    return DatasetMissingError(
-        f"{name} not found under {root!r}. Set dataset.download=true on a machine with internet "
-        f"access, or place the torchvision-format files there (dataset.root)."
-    )
-
-
-def load_mnist(root: str | None, download: bool) -> tuple[TensorData, TensorData]:
+def _torchvision_splits(dataset: str, root: str | None, download: bool) -> list:
+    """Train and test split of ``torchvision.datasets.<dataset>``, or a clear error."""
     import torchvision
 
     root = str(Path(root or "data").expanduser())
     try:
-        splits = [torchvision.datasets.MNIST(root, train=t, download=download) for t in (True, False)]
+        return [getattr(torchvision.datasets, dataset)(root, train=t, download=download) for t in (True, False)]
     except RuntimeError as exc:
-        raise _torchvision_missing("MNIST", root) from exc
+        raise DatasetMissingError(
+            f"{dataset} not found under {root!r}. Set dataset.download=true on a machine with internet "
+            f"access, or place the torchvision-format files there (dataset.root)."
+        ) from exc
+
+
+def load_mnist(root: str | None, download: bool) -> tuple[TensorData, TensorData]:
+    splits = _torchvision_splits("MNIST", root, download)
     return tuple(_images(s.data.numpy(), s.targets.numpy(), *MNIST_STATS, 10) for s in splits)
 
 
 def load_cifar10(root: str | None, download: bool) -> tuple[TensorData, TensorData]:
-    import torchvision
-
-    root = str(Path(root or "data").expanduser())
-    try:
-        splits = [torchvision.datasets.CIFAR10(root, train=t, download=download) for t in (True, False)]
-    except RuntimeError as exc:
-        raise _torchvision_missing("CIFAR-10", root) from exc
+    splits = _torchvision_splits("CIFAR10", root, download)
     return tuple(_images(s.data, np.asarray(s.targets), *CIFAR10_STATS, 10) for s in splits)
 
 

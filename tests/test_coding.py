@@ -1,0 +1,103 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.special import gammaln
+
+from fedcomp.coding import decode_indices, encode_indices, pack_bits, unpack_bits
+from fedcomp.compression import PayloadError
+
+
+@settings(max_examples=200, deadline=None)
+@given(width=st.integers(0, 64), values=st.lists(st.integers(0, 2**64 - 1), max_size=50))
+def test_bitpack_round_trip(width, values):
+    vals = np.array([v & ((1 << width) - 1) for v in values], dtype=np.uint64)
+    blob = pack_bits(vals, width)
+    assert len(blob) == -(-len(vals) * width // 8)
+    assert np.array_equal(unpack_bits(blob, width, len(vals)), vals)
+
+
+def test_bitpack_rejects_values_too_wide_and_short_input():
+    with pytest.raises(ValueError, match="fit"):
+        pack_bits(np.array([4]), 2)
+    with pytest.raises(PayloadError, match="truncated"):
+        unpack_bits(b"\x00", 3, 3)
+
+
+@st.composite
+def index_sets(draw):
+    d = draw(st.one_of(st.integers(0, 5000), st.integers(2**40, 2**63 - 1)))
+    k = draw(st.integers(0, min(d, 300)))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    if d <= 10**6:
+        idx = rng.choice(d, size=k, replace=False)
+    else:  # int64-range d: draw distinct values without materialising range(d)
+        idx = np.unique(rng.integers(0, d, size=k, dtype=np.int64))
+    return np.sort(np.asarray(idx, dtype=np.int64)), d
+
+
+@settings(max_examples=300, deadline=None)
+@given(case=index_sets())
+def test_index_round_trip(case):
+    idx, d = case
+    out = decode_indices(encode_indices(idx, d), d)
+    assert out.dtype == np.int64 and np.array_equal(out, idx)
+
+
+@pytest.mark.parametrize("idx, d", [([], 0), ([], 7), ([0], 1), (list(range(9)), 9), ([2**63 - 2], 2**63 - 1), ([0, 2**62], 2**63 - 1)])
+def test_index_edge_cases(idx, d):
+    idx = np.array(idx, dtype=np.int64)
+    assert np.array_equal(decode_indices(encode_indices(idx, d), d), idx)
+
+
+@pytest.mark.parametrize("idx, d, msg", [([3, 1], 5, "sorted"), ([1, 1], 5, "sorted"), ([5], 5, r"\[0, 5\)"), ([-1], 5, r"\[0, 5\)")])
+def test_encoder_rejects_bad_indices(idx, d, msg):
+    with pytest.raises(ValueError, match=msg):
+        encode_indices(np.array(idx), d)
+
+
+@pytest.mark.parametrize("d, k", [(10**6, 10**3), (10**6, 10**4)])
+def test_index_size_near_information_limit(d, k):
+    limit_bits = (gammaln(d + 1) - gammaln(k + 1) - gammaln(d - k + 1)) / np.log(2)
+    rng = np.random.default_rng(k)
+    for _ in range(5):
+        idx = np.sort(rng.choice(d, size=k, replace=False))
+        assert 8 * len(encode_indices(idx, d)) <= 1.03 * limit_bits
+
+
+def test_every_truncation_and_flip_decodes_or_raises():
+    rng = np.random.default_rng(0)
+    d = 5000
+    idx = np.sort(rng.choice(d, size=60, replace=False))
+    blob = encode_indices(idx, d)
+    for cut in range(len(blob)):
+        with pytest.raises(PayloadError):
+            decode_indices(blob[:cut], d)
+    for pos in range(len(blob)):
+        for bit in range(8):
+            bad = bytearray(blob)
+            bad[pos] ^= 1 << bit
+            try:
+                out = decode_indices(bytes(bad), d)
+            except PayloadError:
+                continue
+            assert out.dtype == np.int64 and np.all(np.diff(out) > 0) and (out.size == 0 or (out[0] >= 0 and out[-1] < d))
+
+
+@settings(max_examples=300, deadline=None)
+@given(blob=st.binary(max_size=64), d=st.integers(0, 2**63 - 1))
+def test_random_bytes_decode_or_raise(blob, d):
+    try:
+        out = decode_indices(blob, d)
+    except PayloadError:
+        return
+    assert np.all(np.diff(out) > 0) and (out.size == 0 or (out[0] >= 0 and out[-1] < d))
+
+
+def test_huge_k_claim_is_refused_before_allocation():
+    import struct
+
+    blob = struct.pack("<BBQ", 1, 0, 2**60) + b"\x00" * 8
+    with pytest.raises(PayloadError, match="truncated|claims"):
+        decode_indices(blob, 2**62)
