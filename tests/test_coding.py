@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.special import gammaln
 
-from fedcomp.coding import decode_indices, encode_indices, pack_bits, unpack_bits
+from fedcomp.coding import decode_indices, decode_symbols, encode_indices, encode_symbols, pack_bits, unpack_bits
 from fedcomp.compression import PayloadError
 
 
@@ -101,3 +101,71 @@ def test_huge_k_claim_is_refused_before_allocation():
     blob = struct.pack("<BBQ", 1, 0, 2**60) + b"\x00" * 8
     with pytest.raises(PayloadError, match="truncated|claims"):
         decode_indices(blob, 2**62)
+
+
+def empirical_entropy_bytes(symbols, alphabet):
+    c = np.bincount(symbols, minlength=alphabet)
+    c = c[c > 0]
+    return float(-(c * np.log2(c / c.sum())).sum() / 8)
+
+
+@settings(max_examples=200, deadline=None)
+@given(alphabet=st.integers(1, 300), n=st.integers(0, 2000), skew=st.floats(0.0, 5.0), seed=st.integers(0, 2**31))
+def test_symbol_round_trip(alphabet, n, skew, seed):
+    rng = np.random.default_rng(seed)
+    p = np.exp(-skew * np.arange(alphabet))
+    s = rng.choice(alphabet, size=n, p=p / p.sum())
+    out = decode_symbols(encode_symbols(s, alphabet), alphabet)
+    assert out.dtype == np.int64 and np.array_equal(out, s)
+
+
+@pytest.mark.parametrize("alphabet, probs", [(3, [0.1, 0.8, 0.1]), (3, [0.3, 0.4, 0.3]), (16, None), (255, None), (2, [0.05, 0.95])])
+def test_symbol_size_near_empirical_entropy(alphabet, probs):
+    from fedcomp.coding.symbols import _HEADER
+
+    rng = np.random.default_rng(1)
+    s = rng.choice(alphabet, size=200_000, p=probs)
+    blob = encode_symbols(s, alphabet)
+    table = 3 * alphabet  # LEB128 counts of up to 2^21
+    assert len(blob) <= 1.01 * empirical_entropy_bytes(s, alphabet) + _HEADER.size + table + 8
+
+
+def test_symbols_fall_back_to_raw_packing_when_smaller():
+    s = np.arange(4).repeat(2)  # 8 symbols, 2 bits each: 2 bytes raw beats a count table
+    blob = encode_symbols(s, 4)
+    assert blob[1] == 0 and len(blob) == 14 + 2
+
+
+def test_symbol_stream_corruption_is_caught():
+    rng = np.random.default_rng(2)
+    s = rng.choice(5, size=3000, p=[0.5, 0.2, 0.1, 0.1, 0.1])
+    blob = encode_symbols(s, 5)
+    for cut in range(len(blob)):
+        with pytest.raises(PayloadError):
+            decode_symbols(blob[:cut], 5)
+    for pos in range(0, len(blob), 3):
+        bad = bytearray(blob)
+        bad[pos] ^= 0x5A
+        try:
+            out = decode_symbols(bytes(bad), 5)
+        except PayloadError:
+            continue
+        assert out.min() >= 0 and out.max() < 5
+
+
+def test_symbol_count_claim_bounded_by_body():
+    import struct
+
+    blob = struct.pack("<BBIQ", 1, 1, 2, 2**40) + bytes([0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x20, 0]) + b"\0\0\0\0"
+    with pytest.raises(PayloadError):
+        decode_symbols(blob, 2)
+
+
+@settings(max_examples=300, deadline=None)
+@given(blob=st.binary(max_size=80))
+def test_random_symbol_bytes_decode_or_raise(blob):
+    try:
+        out = decode_symbols(blob)
+    except PayloadError:
+        return
+    assert out.dtype == np.int64
