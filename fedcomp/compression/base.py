@@ -12,6 +12,11 @@ class Compressor(ABC):
 
     ``decompress(compress(x))`` has the shape and dtype of ``x`` and is the compressor's lossy
     reconstruction of it. Implementations raise ``PayloadError`` on any malformed payload.
+
+    Stateful compressors (error feedback, AdaComp's residue) expose their state as named
+    tensors through ``state()``/``load_state()`` so a Flower client can keep it in its
+    ``Context`` between rounds; randomised ones draw from a generator that ``reseed`` resets,
+    so a run is reproducible whichever process executes a client.
     """
 
     name: str
@@ -21,6 +26,16 @@ class Compressor(ABC):
 
     @abstractmethod
     def decompress(self, payload: bytes) -> torch.Tensor: ...
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} is stateless, got state {sorted(state)}")
+
+    def reseed(self, seed: int) -> None:
+        """Reset the random stream (no-op for deterministic compressors)."""
 
 
 def check_finite(x: torch.Tensor) -> None:

@@ -1,4 +1,4 @@
-"""Name -> compressor class registry."""
+"""Name -> compressor class registry, and the pipeline builder used by configs."""
 
 from __future__ import annotations
 
@@ -25,15 +25,29 @@ def registered() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build(name: str, **params: Any) -> Compressor:
+def build(
+    name: str, *, scope: str = "model", error_feedback: bool = False,
+    sizes: list[int] | None = None, **params: Any,
+) -> Compressor:
+    """Build compressor ``name`` with ``params``; ``scope="layerwise"`` gives each layer
+    (``sizes``) its own instance, ``error_feedback`` wraps the result in an EF memory."""
+    from fedcomp.compression.memory import ErrorFeedback
+    from fedcomp.compression.scope import Layerwise
+
     _load_builtins()
     try:
         cls = _REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown compressor {name!r}; known: {sorted(_REGISTRY)}") from None
-    return cls(**params)
+    if scope == "model":
+        compressor = cls(**params)
+    elif scope == "layerwise":
+        compressor = Layerwise(lambda: cls(**params), sizes or [])
+    else:
+        raise ValueError(f"scope must be 'model' or 'layerwise', got {scope!r}")
+    return ErrorFeedback(compressor) if error_feedback else compressor
 
 
 def _load_builtins() -> None:
-    # Imported for their @register side effect; lazily, so registry has no import cycle.
-    from fedcomp.compression import cast  # noqa: F401
+    # Imported for their @register side effect; lazily, so the registry has no import cycle.
+    from fedcomp.compression import adacomp, cast, recipes  # noqa: F401

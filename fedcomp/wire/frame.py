@@ -28,8 +28,10 @@ from fedcomp.wire.errors import PayloadError
 MAGIC = b"FCMP"
 FRAME_VERSION = 1
 MAX_NDIM = 16
-# Element count a frame may describe; far above any model, far below anything that overflows.
-MAX_NUMEL = 1 << 40
+# Largest tensor a frame may describe (2^28 values = 1 GiB as fp32; ResNet-18 has 2^23.4).
+# A sparse payload's size says nothing about its tensor's, so this caps what a decoder will
+# allocate for a crafted header. Raise it here for larger models.
+MAX_NUMEL = 1 << 28
 
 DTYPES: dict[int, torch.dtype] = {
     1: torch.float32,

@@ -1,0 +1,195 @@
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedcomp.compression import PayloadError, build, registered
+from fedcomp.compression.selectors import budget, optimal_probabilities
+
+ALL = registered()
+SHAPES = st.lists(st.integers(0, 9), min_size=0, max_size=3)
+
+
+def tensor(shape, seed, kind="randn"):
+    g = torch.Generator().manual_seed(seed)
+    return {"randn": lambda: torch.randn(shape, generator=g), "zeros": lambda: torch.zeros(shape),
+            "const": lambda: torch.full(shape, 0.7)}[kind]()
+
+
+def test_registry_has_every_named_compressor():
+    expected = {"identity", "fp16", "bf16", "topk", "randomk", "threshold", "adaptive_threshold",
+                "terngrad", "qsgd", "signsgd", "scaled_sign", "sq", "stochastic"}
+    assert expected <= set(ALL)
+
+
+@pytest.mark.parametrize("name", ALL)
+@settings(max_examples=25, deadline=None)
+@given(shape=SHAPES, seed=st.integers(0, 10**6), kind=st.sampled_from(["randn", "zeros", "const"]))
+def test_round_trip_shape_dtype_and_determinism(name, shape, seed, kind):
+    x = tensor(shape, seed, kind)
+    c = build(name)
+    c.reseed(seed)
+    y = c.decompress(c.compress(x))
+    assert y.shape == x.shape and y.dtype == x.dtype and bool(torch.isfinite(y).all())
+    c2 = build(name)
+    c2.reseed(seed)
+    c3 = build(name)
+    c3.reseed(seed)
+    assert c2.compress(x) == c3.compress(x)  # same seed, same payload
+    if kind == "zeros" and name != "adaptive_threshold":
+        assert not y.any()
+
+
+@settings(max_examples=50, deadline=None)
+@given(d=st.integers(1, 2000), ratio=st.floats(0.001, 1.0), seed=st.integers(0, 10**6))
+def test_topk_keeps_exactly_the_k_largest(d, ratio, seed):
+    x = tensor((d,), seed)
+    y = build("topk", ratio=ratio).decompress(build("topk", ratio=ratio).compress(x))
+    k = budget(d, ratio, None)
+    kept = y != 0
+    assert int(kept.sum()) == k
+    assert torch.equal(y[kept], x[kept])  # values travel exactly
+    if k < d:
+        assert x[kept].abs().min() >= x[~kept].abs().max()
+
+
+@pytest.mark.parametrize("k", [0, 1, 7, 50])
+def test_k_as_absolute_count_and_edges(k):
+    x = tensor((50,), 3)
+    for name in ("topk", "randomk", "sq"):
+        y = build(name, k=k).decompress(build(name, k=k).compress(x))
+        assert int((y != 0).sum()) == k
+
+
+def test_randomk_values_exact_and_uniform():
+    x = tensor((100,), 0) + 10  # no zeros
+    counts = torch.zeros(100)
+    c = build("randomk", k=10)
+    for s in range(400):
+        c.reseed(s)
+        y = c.decompress(c.compress(x))
+        assert torch.equal(y[y != 0], x[y != 0])
+        counts += (y != 0).float()
+    assert counts.min() > 10 and counts.max() < 75  # each coordinate ~40 times
+
+
+def test_threshold_sends_exactly_the_large_entries():
+    x = torch.tensor([0.5, -2.0, 0.0009, -0.001, 3.0])
+    y = build("threshold", v=0.001).decompress(build("threshold", v=0.001).compress(x))
+    assert torch.equal(y, torch.tensor([0.5, -2.0, 0.0, -0.001, 3.0]))
+
+
+def test_signsgd_and_scaled_sign_definitions():
+    x = torch.tensor([-3.0, 0.0, 1.0, 2.0])
+    assert torch.equal(build("signsgd").decompress(build("signsgd").compress(x)), torch.tensor([-1.0, 0.0, 1.0, 1.0]))
+    y = build("scaled_sign").decompress(build("scaled_sign").compress(x))
+    assert torch.allclose(y, torch.tensor([-1.5, 0.0, 1.5, 1.5]))  # ||x||_1 / d = 1.5
+
+
+def test_sq_sends_full_norm_times_sign_on_topk():
+    x = torch.tensor([0.1, -4.0, 0.2, 3.0])
+    y = build("sq", k=2).decompress(build("sq", k=2).compress(x))
+    n = float(x.norm())
+    assert torch.allclose(y, torch.tensor([0.0, -n, 0.0, n]))
+
+
+@pytest.mark.parametrize("name, kwargs", [("terngrad", {}), ("qsgd", {"levels": 4}), ("stochastic", {"ratio": 0.2})])
+def test_unbiased_quantizers(name, kwargs):
+    x = tensor((64,), 5)
+    c = build(name, **kwargs)
+    total = torch.zeros(64)
+    n = 3000
+    for s in range(n):
+        c.reseed(s)
+        total += c.decompress(c.compress(x))
+    assert torch.allclose(total / n, x, atol=0.15 * float(x.abs().max()))
+
+
+def test_terngrad_and_qsgd_levels():
+    x = tensor((300,), 1)
+    y = build("terngrad").decompress(build("terngrad").compress(x))
+    nz = y[y != 0].abs()
+    assert nz.numel() > 0 and torch.allclose(nz, torch.full_like(nz, float(x.abs().max())))
+    y = build("qsgd", levels=4).decompress(build("qsgd", levels=4).compress(x))
+    steps = y.abs() / (float(x.norm()) / 4)
+    assert torch.allclose(steps, steps.round(), atol=1e-4)
+
+
+def test_optimal_probabilities_water_filling():
+    g = torch.tensor([10.0, 1.0, 1.0, 1.0, 0.0])
+    p = optimal_probabilities(g, 2.0)
+    assert p.sum().item() == pytest.approx(2.0)
+    assert p[0] == 1 and p[4] == 0 and torch.allclose(p[1:4], torch.full((3,), 1 / 3, dtype=p.dtype))
+    # no p above 1, and the objective beats uniform probabilities
+    g = tensor((500,), 9)
+    p = optimal_probabilities(g, 50.0)
+    assert p.max() <= 1 and p.sum().item() == pytest.approx(50.0)
+    nz = p > 0
+    assert ((g[nz].double() ** 2) / p[nz]).sum() < ((g.double() ** 2) / 0.1).sum()
+
+
+def test_adaptive_threshold_keeps_residue_and_sends_bin_leaders():
+    c = build("adaptive_threshold", bin_size=10)
+    x = tensor((100,), 2)
+    y = c.decompress(c.compress(x))
+    assert 10 <= int((y != 0).sum()) < 100  # at least the maximum of each bin
+    assert torch.allclose(c.state()["residue"] + y, x)
+    c.compress(x)
+    assert c.state()["residue"].abs().sum() > 0
+
+
+def test_error_feedback_residual_accumulates_what_was_dropped():
+    c = build("topk", k=1, error_feedback=True)
+    x = torch.tensor([1.0, 0.9, 0.0])
+    first = c.decompress(c.compress(x))
+    assert torch.equal(first, torch.tensor([1.0, 0.0, 0.0]))
+    second = c.decompress(c.compress(x))
+    assert torch.equal(second, torch.tensor([0.0, 1.8, 0.0]))  # the dropped 0.9 came back
+    # sum of what was sent + residual == sum of inputs
+    assert torch.allclose(first + second + c.state()["residual"], 2 * x)
+
+
+def test_layerwise_scope_applies_the_budget_per_layer():
+    x = torch.cat([torch.full((10,), 100.0), torch.ones(90)])
+    sizes = [10, 90]
+    whole = build("topk", k=5).decompress(build("topk", k=5).compress(x))
+    per_layer = build("topk", k=5, scope="layerwise", sizes=sizes)
+    y = per_layer.decompress(per_layer.compress(x))
+    assert int((whole[10:] != 0).sum()) == 0
+    assert int((y[:10] != 0).sum()) == 5 and int((y[10:] != 0).sum()) == 5
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("name", ALL)
+def test_non_finite_input_rejected(name, bad):
+    x = torch.ones(20)
+    x[3] = bad
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        build(name).compress(x)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_truncation_and_flips_decode_or_raise(name):
+    c = build(name)
+    payload = c.compress(tensor((40,), 4))
+    for cut in range(len(payload)):
+        with pytest.raises(PayloadError):
+            c.decompress(payload[:cut])
+    rng = np.random.default_rng(0)
+    for pos in range(len(payload)):
+        bad = bytearray(payload)
+        bad[pos] ^= int(rng.integers(1, 256))
+        try:
+            y = c.decompress(bytes(bad))
+        except PayloadError:
+            continue
+        assert y.numel() <= 2**28
+
+
+def test_layerwise_payload_corruption():
+    c = build("qsgd", scope="layerwise", sizes=[30, 10])
+    payload = c.compress(tensor((40,), 4))
+    for cut in range(0, len(payload), 3):
+        with pytest.raises(PayloadError):
+            c.decompress(payload[:cut])
