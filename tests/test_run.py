@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from fedcomp.fl import messages as M
 from fedcomp.fl.client_app import make_client_app
@@ -109,12 +110,13 @@ def test_multirun_sweep_gives_each_job_its_own_dir(tmp_path):
 
 
 def test_ray_backend_matches_inline(fast_cfg, tmp_path):
-    """Flower's simulation engine and the inline Grid run the same apps: same bytes, same model."""
+    """Flower's simulation engine and the inline Grid run the same apps: same bytes, same model,
+    with client state (error feedback, model replicas) kept in Flower's node Contexts."""
     from fedcomp.fl.engine import run_experiment
 
-    cfg = fast_cfg("simulation.backend=ray", "simulation.client_cpus=1")
+    cfg = fast_cfg("simulation.backend=ray", "simulation.client_cpus=1", "compressor=topk_bidirectional", "num_rounds=3")
     ray_summary = run_experiment(cfg, tmp_path / "ray")
-    inline_summary = run_inline(fast_cfg(), tmp_path / "inline")
+    inline_summary = run_inline(fast_cfg("compressor=topk_bidirectional", "num_rounds=3"), tmp_path / "inline")
     for key in ("total_bytes_up", "total_bytes_down", "rounds"):
         assert ray_summary[key] == inline_summary[key]
     assert ray_summary["final_accuracy"] == pytest.approx(inline_summary["final_accuracy"], abs=1e-6)
@@ -163,3 +165,45 @@ def test_flwr_run_gives_the_same_run_as_inline(tmp_path):
     inline_summary = run_inline(compose_config(overrides), tmp_path / "inline")
     assert flwr_summary["total_bytes_up"] == inline_summary["total_bytes_up"]
     assert flwr_summary["final_accuracy"] == pytest.approx(inline_summary["final_accuracy"], abs=1e-6)
+
+
+def run_tapped(cfg, out):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
+    grid = WireTap(make_client_app(cfg), cfg.simulation.num_clients)
+    return grid, run_server(grid, cfg, out)
+
+
+def test_uplink_error_feedback_state_is_per_client_in_its_context(fast_cfg, tmp_path):
+    grid, summary = run_tapped(fast_cfg("compressor=topk", "compressor.up.ratio=0.05"), tmp_path)
+    residuals = [torch.from_numpy(ctx.state[M.UP_STATE]["residual"].numpy()) for ctx in grid._contexts.values()]
+    assert len(residuals) == 4 and all(r.abs().sum() > 0 for r in residuals)
+    assert not torch.equal(residuals[0], residuals[1])
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    d = len(residuals[0])
+    assert all(r["bytes_up"] < 0.2 * 4 * 4 * d for r in rows)  # 5% top-k: far below fp32
+    assert summary["final_accuracy"] > summary["initial_accuracy"]
+
+
+def test_bidirectional_downlink_sends_full_model_once_then_coded_steps(fast_cfg, tmp_path):
+    cfg = fast_cfg("compressor=topk_bidirectional", "num_rounds=3")
+    grid, summary = run_tapped(cfg, tmp_path)
+    sizes = [sorted(set(d.values())) for d in grid.down if d]
+    full = sizes[0][0]
+    assert len(sizes[0]) == 1 and all(len(s) == 1 and s[0] < 0.05 * full for s in sizes[1:])
+    replicas = [ctx.state[M.REPLICA]["w"].numpy() for ctx in grid._contexts.values()]
+    versions = {int(ctx.state[M.REPLICA_VERSION][M.VERSION]) for ctx in grid._contexts.values()}
+    assert versions == {2} and all((r == replicas[0]).all() for r in replicas)
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["bytes_down"] for r in rows] == [4 * s[0] for s in sizes]
+    assert summary["final_accuracy"] > summary["initial_accuracy"]
+
+
+def test_partial_participation_resyncs_stale_clients_with_counted_full_models(fast_cfg, tmp_path):
+    grid, _ = run_tapped(fast_cfg("compressor=topk_bidirectional", "num_rounds=4", "simulation.fraction=0.5"), tmp_path)
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    full = max(c["bytes_down"] for c in rows[0]["clients"].values())
+    for row, down in zip(rows, [d for d in grid.down if d]):
+        assert sorted(c["bytes_down"] for c in row["clients"].values()) == sorted(down.values())
+        assert all(v == full or v < 0.05 * full for v in down.values())

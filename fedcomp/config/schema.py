@@ -236,4 +236,8 @@ def validate(cfg: DictConfig) -> None:
     _check_kwargs("model", MODELS[model.pop("name")], model, skip=2)
     for direction in ("up", "down"):
         _require(direction in cfg.compressor, f"compressor.{direction}", "is required", None)
+    downlink = cfg.compressor.get("downlink")
+    _require(downlink in ("model", "update"), "compressor.downlink", "must be 'model' or 'update'", downlink)
+    unknown = set(cfg.compressor) - {"up", "down", "downlink"}
+    _require(not unknown, f"compressor.{sorted(unknown)[0] if unknown else ''}", "unknown option; compressor takes up, down, downlink", None)
     _require("_target_" in cfg.strategy, "strategy._target_", "is required (the strategy class)", None)

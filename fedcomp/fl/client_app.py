@@ -12,29 +12,62 @@ from functools import lru_cache
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from omegaconf import DictConfig
 
 from fedcomp.config import compose_config
 from fedcomp.fl import messages as M
 from fedcomp.fl.local import train_local
-from fedcomp.fl.runtime import get_runtime
+from fedcomp.fl.runtime import Runtime, get_runtime
 
 
-def train_on_client(cfg: DictConfig, msg: Message, partition_id: int) -> Message:
+def receive_model(rt: Runtime, down: ConfigRecord, state: RecordDict) -> torch.Tensor:
+    """The global model this client now holds, from the downlink record (see strategy docs)."""
+    kind, version = down[M.KIND], int(down[M.VERSION])
+    if kind == M.MODEL:
+        return rt.compressor("down").decompress(down[M.PAYLOAD]).reshape(-1).float()
+    if kind == M.FULL:
+        replica = rt.full_codec.decompress(down[M.PAYLOAD]).reshape(-1).float()
+    elif kind == M.DELTA:
+        held = int(state[M.REPLICA_VERSION][M.VERSION]) if M.REPLICA_VERSION in state else None
+        if held != version - 1:
+            raise RuntimeError(f"delta to version {version} sent to a client holding version {held}")
+        step = rt.compressor("down").decompress(down[M.PAYLOAD]).reshape(-1).float()
+        replica = torch.from_numpy(state[M.REPLICA]["w"].numpy()) + step
+    else:
+        raise ValueError(f"unknown downlink kind {kind!r}")
+    state[M.REPLICA] = ArrayRecord({"w": replica})
+    state[M.REPLICA_VERSION] = ConfigRecord({M.VERSION: version})
+    return replica
+
+
+def compress_update(rt: Runtime, update: torch.Tensor, state: RecordDict, seed: int) -> bytes:
+    """Uplink compression with this client's own compressor state (error feedback, ...)."""
+    up = rt.compressor("up")
+    up.load_state(state[M.UP_STATE].to_torch_state_dict() if M.UP_STATE in state else {})
+    up.reseed(seed)
+    payload = up.compress(update)
+    kept = up.state()
+    if kept:
+        state[M.UP_STATE] = ArrayRecord(kept)
+    return payload
+
+
+def train_on_client(cfg: DictConfig, msg: Message, context: Context) -> Message:
     rt = get_runtime(cfg)
+    partition_id = int(context.node_config["partition-id"])
     config = msg.content[M.CONFIG]
-    received = rt.compressor("down").decompress(msg.content[M.DOWN][M.PAYLOAD])
+    received = receive_model(rt, msg.content[M.DOWN], context.state)
     rt.layout.load(rt.model, received)
     indices = rt.client_indices(partition_id)
-    seed = np.random.SeedSequence([cfg.seed, int(config["server-round"]), partition_id]).generate_state(1)[0]
-    generator = torch.Generator().manual_seed(int(seed))
+    seed = int(np.random.SeedSequence([cfg.seed, int(config["server-round"]), partition_id]).generate_state(1)[0])
+    generator = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     loss = train_local(rt.model, rt.train.x, rt.train.y, indices, generator=generator, **rt.local_training)
     compute_s = time.perf_counter() - start
     update = rt.layout.flatten(rt.model) - received
-    payload = rt.compressor("up").compress(update)
+    payload = compress_update(rt, update, context.state, seed)
     metrics = MetricRecord({
         "num-examples": len(indices), "train-loss": loss, "compute-s": compute_s, "partition-id": partition_id,
     })
@@ -52,7 +85,7 @@ def make_client_app(cfg: DictConfig | None = None) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         run_cfg = cfg if cfg is not None else config_from_overrides(str(context.run_config.get("overrides", "")))
-        return train_on_client(run_cfg, msg, int(context.node_config["partition-id"]))
+        return train_on_client(run_cfg, msg, context)
 
     return app
 

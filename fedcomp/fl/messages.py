@@ -1,11 +1,23 @@
-"""Names of the records fedcomp puts in Flower Messages.
+"""Names of the records fedcomp puts in Flower Messages and Contexts.
 
 Model state never travels as a Flower ArrayRecord: each direction carries one compressed
 payload (raw bytes in a ConfigRecord), so the bytes counted are the bytes a real link moves.
 """
 
-DOWN = "fedcomp.down"  # ConfigRecord {"payload": bytes}: server -> client
+DOWN = "fedcomp.down"  # ConfigRecord {"payload": bytes, "kind": str, "version": int}: server -> client
 UP = "fedcomp.up"  # ConfigRecord {"payload": bytes}: client -> server
 PAYLOAD = "payload"
+KIND = "kind"
+VERSION = "version"
 CONFIG = "config"  # ConfigRecord: round number and local-training settings
 METRICS = "metrics"  # MetricRecord: num-examples, train-loss, compute-s, partition-id
+
+# Downlink payload kinds.
+MODEL = "model"  # the global model, coded by the downlink compressor (downlink: model)
+FULL = "full"  # the global model in fp32, to (re)synchronise a client's replica (downlink: update)
+DELTA = "delta"  # the last global update, coded by the downlink compressor (downlink: update)
+
+# Client Context.state records.
+UP_STATE = "fedcomp.up.state"  # ArrayRecord: the uplink compressor's state (error feedback, ...)
+REPLICA = "fedcomp.replica"  # ArrayRecord {"w": flat model}: the client's copy (downlink: update)
+REPLICA_VERSION = "fedcomp.replica.version"  # ConfigRecord {"version": int}

@@ -14,7 +14,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from fedcomp.compression import Compressor
+from fedcomp.compression import Compressor, build
 from fedcomp.data import TensorData, load_dataset
 from fedcomp.models import StateLayout, build_model
 from fedcomp.partition import Partition, make_partition
@@ -44,10 +44,16 @@ class Runtime:
                     momentum=t.momentum, weight_decay=t.weight_decay)
 
     def compressor(self, direction: str) -> Compressor:
-        """The process's compressor for ``direction`` ("up" or "down"), built once."""
+        """The process's compressor for ``direction`` ("up" or "down"), built once. Per-client
+        state is not kept here but loaded from and saved to each client's Context."""
         if direction not in self._compressors:
-            self._compressors[direction] = instantiate(self.cfg.compressor[direction])
+            self._compressors[direction] = instantiate(self.cfg.compressor[direction], sizes=self.layout.sizes)
         return self._compressors[direction]
+
+    @cached_property
+    def full_codec(self) -> Compressor:
+        """fp32 codec for full-model (re)synchronisation under ``downlink: update``."""
+        return build("identity")
 
 
 def _warm_up(model: torch.nn.Module, data: TensorData) -> None:

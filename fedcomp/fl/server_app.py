@@ -39,6 +39,7 @@ def run_server(grid: Grid, cfg: DictConfig, out_dir: str | Path) -> dict[str, An
         network=NetworkModel.from_config(cfg.network, cfg.simulation.num_clients, cfg.seed),
         fraction=cfg.simulation.fraction,
         seed=cfg.seed,
+        downlink=cfg.compressor.downlink,
     )
     eval_model = rt.new_model()
     initial_accuracy: list[float] = []

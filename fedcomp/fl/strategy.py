@@ -1,13 +1,22 @@
 """CompressedFedAvg: FedAvg whose traffic in both directions is a compressor's real bytes.
 
-Per round: sample ``fraction`` of the nodes; encode the global model with the downlink
-compressor once and send that payload to each sampled client; each client trains locally and
-returns its model update Delta_i = w_i - w (local minus received global) encoded with the
-uplink compressor; the server decodes the updates and applies
+Per round: sample ``fraction`` of the nodes and send each the global model; each client
+trains locally and returns its model update Delta_i = w_i - w (local minus received global)
+encoded with the uplink compressor (Q_W); the server decodes the updates and applies
 
     w <- w + server_lr * sum_i n_i Delta_i / sum_i n_i
 
 (n_i: client i's number of training samples). Every byte counted is ``len(payload)``.
+
+Downlink (``downlink``):
+  ``model``  -- the global model coded by the downlink compressor, to every sampled client.
+               Clients hold no model between rounds. Right for dense casts (fp32/fp16/bf16).
+  ``update`` -- bidirectional compression (Dutta et al. Algorithm 1): the server codes its step
+               with the downlink compressor Q_M (with its own error feedback if configured)
+               and applies the *decoded* step to w, so w is exactly what in-sync clients hold.
+               Clients keep a replica of w; a sampled client whose replica is not at the
+               previous version (first round, or it missed rounds) first receives w in fp32,
+               and those bytes are counted too.
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedcomp.compression import Compressor
+from fedcomp.compression import Compressor, build
 from fedcomp.fl import messages as M
 from fedcomp.metrics import ClientRound, RoundStats
 from fedcomp.models import StateLayout
@@ -30,10 +39,13 @@ from fedcomp.network import NetworkModel
 class CompressedFedAvg(Strategy):
     def __init__(
         self, *, up: Compressor, down: Compressor, network: NetworkModel, fraction: float = 1.0,
-        seed: int = 0, server_lr: float = 1.0,
+        seed: int = 0, server_lr: float = 1.0, downlink: str = "model",
     ) -> None:
+        if downlink not in (M.MODEL, "update"):
+            raise ValueError(f"downlink must be 'model' or 'update', got {downlink!r}")
         self.up = up
         self.down = down
+        self.downlink = downlink
         self.network = network
         self.fraction = fraction
         self.seed = seed
@@ -42,7 +54,11 @@ class CompressedFedAvg(Strategy):
         self._layout: StateLayout | None = None
         self._state: dict[str, torch.Tensor] = {}
         self._global = torch.empty(0)
-        self._down_bytes = 0
+        self._down_bytes: dict[int, int] = {}
+        self._full = build("identity")
+        self._version = 0  # number of global updates applied (downlink: update)
+        self._pending: bytes | None = None  # coded step from version - 1 to version
+        self._synced: dict[int, int] = {}  # node -> version of its replica
 
     def summary(self) -> None:
         pass  # fedcomp reports through its own metrics files
@@ -67,17 +83,30 @@ class CompressedFedAvg(Strategy):
         if self._layout is None:
             self._layout = StateLayout.of(self._state)
         self._global = self._layout.flatten(self._state)
-        payload = self.down.compress(self._global)
-        self._down_bytes = len(payload)
         config = ConfigRecord({**config, "server-round": server_round})
-        return [
-            Message(
-                RecordDict({M.DOWN: ConfigRecord({M.PAYLOAD: payload}), M.CONFIG: config}),
-                dst_node_id=node_id,
-                message_type=MessageType.TRAIN,
-            )
-            for node_id in self.sample(list(grid.get_node_ids()), server_round)
-        ]
+        nodes = self.sample(list(grid.get_node_ids()), server_round)
+        messages = []
+        for node_id, down in zip(nodes, self._downlink_records(nodes)):
+            self._down_bytes[node_id] = len(down[M.PAYLOAD])
+            content = RecordDict({M.DOWN: down, M.CONFIG: config})
+            messages.append(Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN))
+        return messages
+
+    def _downlink_records(self, nodes: list[int]) -> list[ConfigRecord]:
+        if self.downlink == M.MODEL:
+            payload = self.down.compress(self._global)
+            return [ConfigRecord({M.PAYLOAD: payload, M.KIND: M.MODEL, M.VERSION: self._version})] * len(nodes)
+        full = None
+        records = []
+        for node_id in nodes:
+            if self._pending is not None and self._synced.get(node_id) == self._version - 1:
+                payload, kind = self._pending, M.DELTA
+            else:
+                full = full or self._full.compress(self._global)
+                payload, kind = full, M.FULL
+            records.append(ConfigRecord({M.PAYLOAD: payload, M.KIND: kind, M.VERSION: self._version}))
+            self._synced[node_id] = self._version
+        return records
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -94,7 +123,7 @@ class CompressedFedAvg(Strategy):
             stats.clients.append(ClientRound(
                 partition_id=int(metrics["partition-id"]),
                 bytes_up=len(payload),
-                bytes_down=self._down_bytes,
+                bytes_down=self._down_bytes[reply.metadata.src_node_id],
                 num_examples=n,
                 train_loss=float(metrics["train-loss"]),
                 compute_s=float(metrics["compute-s"]),
@@ -102,7 +131,13 @@ class CompressedFedAvg(Strategy):
         if not stats.clients:
             raise RuntimeError(f"round {server_round}: no client replied")
         num_examples = sum(c.num_examples for c in stats.clients)
-        self._global += self.apply_update(total / num_examples)
+        step = self.apply_update(total / num_examples)
+        if self.downlink == M.MODEL:
+            self._global += step
+        else:
+            self._pending = self.down.compress(step)
+            self._global += self.down.decompress(self._pending)
+            self._version += 1
         stats.sim_time_s = self.network.round_time(
             {c.partition_id: (c.bytes_up, c.bytes_down, c.compute_s) for c in stats.clients}
         )
