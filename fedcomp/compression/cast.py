@@ -26,9 +26,7 @@ class _Cast(Compressor):
         return pack_frame(self.name, x.dtype, tuple(x.shape), body)
 
     def decompress(self, payload: bytes) -> torch.Tensor:
-        frame = unpack_frame(payload)
-        if frame.codec != self.name:
-            raise PayloadError(f"payload holds codec {frame.codec!r}, expected {self.name!r}")
+        frame = unpack_frame(payload, expect=self.name)
         itemsize = np.dtype(self.wire_words).itemsize
         if len(frame.body) != frame.numel * itemsize:
             raise PayloadError(

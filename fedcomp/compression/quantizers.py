@@ -27,6 +27,17 @@ def _read_scale(blob: memoryview, what: str) -> float:
     return scale
 
 
+def _pack_ternary(scale: float, ternary: torch.Tensor) -> bytes:
+    """One scale and symbols {-1, 0, 1} (sent as 0, 1, 2)."""
+    return _F32.pack(scale) + encode_symbols((ternary + 1).to(torch.int64).numpy(), 3)
+
+
+def _unpack_ternary(blob: memoryview, n: int, what: str) -> torch.Tensor:
+    s = _read_scale(blob, what)
+    symbols = _symbols(blob[_F32.size :], 3, n, what)
+    return torch.from_numpy((symbols - 1).astype(np.float32)) * s
+
+
 def _symbols(blob: memoryview, alphabet: int, n: int, what: str) -> np.ndarray:
     symbols = decode_symbols(blob, alphabet)
     if symbols.size != n:
@@ -64,13 +75,10 @@ class ScaledSign:
             s = float(values.abs().mean()) if values.numel() else 0.0
         else:
             s = float(full.double().norm())
-        symbols = (torch.sign(values) + 1).to(torch.int64).numpy()
-        return _F32.pack(s) + encode_symbols(symbols, 3)
+        return _pack_ternary(s, torch.sign(values))
 
     def decode(self, blob: memoryview, n: int) -> torch.Tensor:
-        s = _read_scale(blob, "sign values")
-        symbols = _symbols(blob[_F32.size :], 3, n, "sign values")
-        return torch.from_numpy((symbols - 1).astype(np.float32)) * s
+        return _unpack_ternary(blob, n, "sign values")
 
 
 class TernGrad:
@@ -80,13 +88,10 @@ class TernGrad:
     def encode(self, values: torch.Tensor, full: torch.Tensor, generator: torch.Generator | None) -> bytes:
         s = float(values.abs().max()) if values.numel() else 0.0
         keep = torch.rand(values.numel(), generator=generator) < (values.abs() / s if s > 0 else torch.zeros_like(values))
-        symbols = (torch.sign(values) * keep + 1).to(torch.int64).numpy()
-        return _F32.pack(s) + encode_symbols(symbols, 3)
+        return _pack_ternary(s, torch.sign(values) * keep)
 
     def decode(self, blob: memoryview, n: int) -> torch.Tensor:
-        s = _read_scale(blob, "TernGrad values")
-        symbols = _symbols(blob[_F32.size :], 3, n, "TernGrad values")
-        return torch.from_numpy((symbols - 1).astype(np.float32)) * s
+        return _unpack_ternary(blob, n, "TernGrad values")
 
 
 class QSGD:

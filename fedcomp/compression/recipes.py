@@ -45,9 +45,7 @@ class Recipe(Compressor):
         return pack_frame(self.name, x.dtype, tuple(x.shape), bytes(body))
 
     def decompress(self, payload: bytes) -> torch.Tensor:
-        frame = unpack_frame(payload)
-        if frame.codec != self.name:
-            raise PayloadError(f"payload holds codec {frame.codec!r}, expected {self.name!r}")
+        frame = unpack_frame(payload, expect=self.name)
         body = memoryview(frame.body)
         if not body:
             raise PayloadError("empty compressor body")

@@ -40,9 +40,7 @@ class Layerwise(Compressor):
         return pack_frame(self.name, x.dtype, tuple(x.shape), bytes(body))
 
     def decompress(self, payload: bytes) -> torch.Tensor:
-        frame = unpack_frame(payload)
-        if frame.codec != self.name:
-            raise PayloadError(f"payload holds codec {frame.codec!r}, expected {self.name!r}")
+        frame = unpack_frame(payload, expect=self.name)
         body = memoryview(frame.body)
         if len(body) < _COUNT.size or _COUNT.unpack_from(body)[0] != len(self.sizes):
             raise PayloadError(f"layer-wise payload does not hold {len(self.sizes)} layers")

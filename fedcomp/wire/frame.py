@@ -98,7 +98,8 @@ class _Reader:
         return struct.unpack(fmt, self.take(struct.calcsize(fmt), what))
 
 
-def unpack_frame(payload: bytes) -> Frame:
+def unpack_frame(payload: bytes, expect: str | None = None) -> Frame:
+    """Parse and check a frame; with ``expect``, also that it holds that codec."""
     r = _Reader(payload)
     if bytes(r.take(4, "magic")) != MAGIC:
         raise PayloadError("not a fedcomp payload (bad magic bytes)")
@@ -128,4 +129,6 @@ def unpack_frame(payload: bytes) -> Frame:
         raise PayloadError(f"{len(payload) - r.pos} unexpected trailing bytes after the frame")
     if zlib.crc32(r.data[:crc_end]) != crc:
         raise PayloadError("checksum mismatch: payload corrupted")
+    if expect is not None and codec != expect:
+        raise PayloadError(f"payload holds codec {codec!r}, expected {expect!r}")
     return Frame(codec, DTYPES[dtype_code], tuple(shape), bytes(body))
