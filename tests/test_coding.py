@@ -169,3 +169,22 @@ def test_random_symbol_bytes_decode_or_raise(blob):
     except PayloadError:
         return
     assert out.dtype == np.int64
+
+
+def test_deflate_option_wins_on_runs_and_round_trips():
+    s = np.repeat(np.arange(4), 5000)  # long runs: a per-symbol model needs 2 bits each
+    plain, deflated = encode_symbols(s, 4), encode_symbols(s, 4, deflate=True)
+    assert deflated[1] == 2 and len(deflated) < 0.1 * len(plain)
+    assert np.array_equal(decode_symbols(deflated, 4), s)
+    for cut in range(len(deflated)):
+        with pytest.raises(PayloadError):
+            decode_symbols(deflated[:cut], 4)
+
+
+def test_deflate_bomb_claim_refused():
+    import struct
+    import zlib
+
+    blob = struct.pack("<BBIQ", 1, 2, 256, 2**40) + zlib.compress(b"\0" * 1000)
+    with pytest.raises(PayloadError, match="cannot hold"):
+        decode_symbols(blob, 256)

@@ -193,3 +193,23 @@ def test_layerwise_payload_corruption():
     for cut in range(0, len(payload), 3):
         with pytest.raises(PayloadError):
             c.decompress(payload[:cut])
+
+
+@pytest.mark.parametrize("config", sorted(p.stem for p in __import__("pathlib").Path(__file__).parents[1].joinpath("conf", "compressor").glob("*.yaml")))
+def test_every_compressor_config_builds_through_hydra(config):
+    from hydra.utils import instantiate
+
+    from fedcomp.config import compose_config
+
+    cfg = compose_config([f"compressor={config}"])
+    for direction in ("up", "down"):
+        c = instantiate(cfg.compressor[direction], sizes=[60, 40])
+        x = tensor((100,), 1)
+        assert c.decompress(c.compress(x)).shape == x.shape
+
+
+def test_every_registered_compressor_has_a_config():
+    from pathlib import Path
+
+    configs = {p.stem for p in (Path(__file__).parents[1] / "conf" / "compressor").glob("*.yaml")}
+    assert set(ALL) - {"identity"} <= configs

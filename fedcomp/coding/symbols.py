@@ -4,7 +4,9 @@
 range-codes the symbols (constriction's RangeEncoder) under that categorical model, so the
 body is within a fraction of a percent of the message's empirical entropy. When raw packing
 at ceil(log2 alphabet) bits per symbol is no larger (tiny or near-uniform messages), it is
-used instead; the method byte says which.
+used instead; with ``deflate=True`` the raw packing compressed by zlib's deflate is a third
+candidate (it can win on messages with repeated runs, which a per-symbol model cannot see).
+The method byte says which was used.
 
 Blob layout: version u8 | method u8 | alphabet u32 | count u64 | method body, where the range
 body is alphabet x LEB128 counts, then the coder's u32 words (little-endian).
@@ -19,6 +21,7 @@ beyond what the body can hold under that cap, before it allocates anything.
 from __future__ import annotations
 
 import struct
+import zlib
 
 import constriction
 import numpy as np
@@ -27,7 +30,9 @@ from fedcomp.coding.bitpack import pack_bits, unpack_bits
 from fedcomp.wire.errors import PayloadError
 
 SYMBOL_CODE_VERSION = 1
-RAW, RANGE = 0, 1
+RAW, RANGE, DEFLATE = 0, 1, 2
+# zlib expands at most ~1032:1; a deflated body claiming more than this is refused unread.
+_MAX_INFLATE = 1100
 _HEADER = struct.Struct("<BBIQ")
 MAX_ALPHABET = 1 << 16
 MIN_BITS_PER_SYMBOL = 1 / 256
@@ -78,7 +83,7 @@ def _model(counts: np.ndarray) -> "constriction.stream.model.Categorical":
     return constriction.stream.model.Categorical(p.astype(np.float64), perfect=False)
 
 
-def encode_symbols(symbols: np.ndarray, alphabet: int) -> bytes:
+def encode_symbols(symbols: np.ndarray, alphabet: int, deflate: bool = False) -> bytes:
     """Encode integers in [0, alphabet) compactly; see the module doc for the format."""
     if not 1 <= alphabet <= MAX_ALPHABET:
         raise ValueError(f"alphabet must be in 1..{MAX_ALPHABET}, got {alphabet}")
@@ -92,10 +97,11 @@ def encode_symbols(symbols: np.ndarray, alphabet: int) -> bytes:
     counts = np.bincount(symbols, minlength=alphabet)
     encoder = constriction.stream.queue.RangeEncoder()
     encoder.encode(symbols.astype(np.int32), _model(counts))
-    ranged = _leb128(counts) + encoder.get_compressed().astype("<u4").tobytes()
-    if len(ranged) < len(raw):
-        return _HEADER.pack(SYMBOL_CODE_VERSION, RANGE, alphabet, symbols.size) + ranged
-    return header + raw
+    candidates = {RAW: raw, RANGE: _leb128(counts) + encoder.get_compressed().astype("<u4").tobytes()}
+    if deflate:
+        candidates[DEFLATE] = zlib.compress(raw, 9)
+    method = min(candidates, key=lambda m: len(candidates[m]))
+    return _HEADER.pack(SYMBOL_CODE_VERSION, method, alphabet, symbols.size) + candidates[method]
 
 
 def decode_symbols(blob: bytes | memoryview, alphabet: int | None = None) -> np.ndarray:
@@ -110,6 +116,18 @@ def decode_symbols(blob: bytes | memoryview, alphabet: int | None = None) -> np.
     if not 1 <= size <= MAX_ALPHABET or (alphabet is not None and size != alphabet):
         raise PayloadError(f"symbol alphabet {size} is not the expected {alphabet}")
     body = data[_HEADER.size :]
+    if method == DEFLATE:
+        expected = -(-count * symbol_width(size) // 8)
+        if expected > _MAX_INFLATE * len(body) + 64:
+            raise PayloadError(f"deflated body of {len(body)} bytes cannot hold {count} symbols")
+        inflater = zlib.decompressobj()
+        try:
+            body = memoryview(inflater.decompress(body, expected))
+        except zlib.error as exc:
+            raise PayloadError(f"corrupt deflated symbols: {exc}") from None
+        if not inflater.eof or inflater.unconsumed_tail or inflater.unused_data:
+            raise PayloadError("deflated symbol body does not end where its symbols do")
+        method = RAW
     if method == RAW:
         width = symbol_width(size)
         if width == 0:
