@@ -36,12 +36,15 @@ from fedcomp.models import StateLayout
 from fedcomp.network import NetworkModel
 
 
+DOWNLINK_MODES = ("model", "update")
+
+
 class CompressedFedAvg(Strategy):
     def __init__(
         self, *, up: Compressor, down: Compressor, network: NetworkModel, fraction: float = 1.0,
         seed: int = 0, server_lr: float = 1.0, downlink: str = "model",
     ) -> None:
-        if downlink not in (M.MODEL, "update"):
+        if downlink not in DOWNLINK_MODES:
             raise ValueError(f"downlink must be 'model' or 'update', got {downlink!r}")
         self.up = up
         self.down = down
@@ -93,7 +96,7 @@ class CompressedFedAvg(Strategy):
         return messages
 
     def _downlink_records(self, nodes: list[int]) -> list[ConfigRecord]:
-        if self.downlink == M.MODEL:
+        if self.downlink == "model":
             payload = self.down.compress(self._global)
             return [ConfigRecord({M.PAYLOAD: payload, M.KIND: M.MODEL, M.VERSION: self._version})] * len(nodes)
         full = None
@@ -132,7 +135,7 @@ class CompressedFedAvg(Strategy):
             raise RuntimeError(f"round {server_round}: no client replied")
         num_examples = sum(c.num_examples for c in stats.clients)
         step = self.apply_update(total / num_examples)
-        if self.downlink == M.MODEL:
+        if self.downlink == "model":
             self._global += step
         else:
             self._pending = self.down.compress(step)
