@@ -213,3 +213,12 @@ def test_every_registered_compressor_has_a_config():
 
     configs = {p.stem for p in (Path(__file__).parents[1] / "conf" / "compressor").glob("*.yaml")}
     assert set(ALL) - {"identity"} <= configs
+
+
+@pytest.mark.parametrize("name", ["terngrad", "qsgd", "signsgd", "scaled_sign", "sq"])
+def test_deflate_option_round_trips_and_never_grows_the_payload(name):
+    x = torch.cat([torch.zeros(3000), tensor((200,), 6)])  # long zero runs
+    plain, deflated = build(name), build(name, deflate=True)
+    p1, p2 = plain.compress(x), deflated.compress(x)
+    assert len(p2) <= len(p1)
+    assert torch.equal(deflated.decompress(p2), plain.decompress(p1))

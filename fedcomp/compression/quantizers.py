@@ -27,9 +27,9 @@ def _read_scale(blob: memoryview, what: str) -> float:
     return scale
 
 
-def _pack_ternary(scale: float, ternary: torch.Tensor) -> bytes:
+def _pack_ternary(scale: float, ternary: torch.Tensor, deflate: bool) -> bytes:
     """One scale and symbols {-1, 0, 1} (sent as 0, 1, 2)."""
-    return _F32.pack(scale) + encode_symbols((ternary + 1).to(torch.int64).numpy(), 3)
+    return _F32.pack(scale) + encode_symbols((ternary + 1).to(torch.int64).numpy(), 3, deflate)
 
 
 def _unpack_ternary(blob: memoryview, n: int, what: str) -> torch.Tensor:
@@ -61,12 +61,14 @@ class ScaledSign:
     """scale x sign(v_j), sent as one float and a ternary symbol stream {-, 0, +}.
 
     ``scale``: ``one`` (signSGD), ``mean_abs`` (EF-signSGD's ||v||_1 / n, Karimireddy et al.
-    2019), ``full_l2`` (S+Q, CAT Eq. 3: ||g||_2 of the whole vector)."""
+    2019), ``full_l2`` (S+Q, CAT Eq. 3: ||g||_2 of the whole vector). ``deflate`` lets the
+    symbol coder also try deflate (see ``fedcomp.coding.symbols``)."""
 
-    def __init__(self, scale: str) -> None:
+    def __init__(self, scale: str, deflate: bool = False) -> None:
         if scale not in ("one", "mean_abs", "full_l2"):
             raise ValueError(f"unknown sign scale {scale!r}")
         self.scale = scale
+        self.deflate = deflate
 
     def encode(self, values: torch.Tensor, full: torch.Tensor, generator: torch.Generator | None) -> bytes:
         if self.scale == "one":
@@ -75,7 +77,7 @@ class ScaledSign:
             s = float(values.abs().mean()) if values.numel() else 0.0
         else:
             s = float(full.double().norm())
-        return _pack_ternary(s, torch.sign(values))
+        return _pack_ternary(s, torch.sign(values), self.deflate)
 
     def decode(self, blob: memoryview, n: int) -> torch.Tensor:
         return _unpack_ternary(blob, n, "sign values")
@@ -85,10 +87,13 @@ class TernGrad:
     """TernGrad (Wen et al. 2017): s = max|v|; v_j -> s sign(v_j) b_j, b_j ~ Bernoulli(|v_j| / s);
     unbiased. (The paper's gradient clipping is left to the training loop.)"""
 
+    def __init__(self, deflate: bool = False) -> None:
+        self.deflate = deflate
+
     def encode(self, values: torch.Tensor, full: torch.Tensor, generator: torch.Generator | None) -> bytes:
         s = float(values.abs().max()) if values.numel() else 0.0
         keep = torch.rand(values.numel(), generator=generator) < (values.abs() / s if s > 0 else torch.zeros_like(values))
-        return _pack_ternary(s, torch.sign(values) * keep)
+        return _pack_ternary(s, torch.sign(values) * keep, self.deflate)
 
     def decode(self, blob: memoryview, n: int) -> torch.Tensor:
         return _unpack_ternary(blob, n, "TernGrad values")
@@ -99,10 +104,11 @@ class QSGD:
     rounds s|v_j|/||v||_2 up or down at random so the result is unbiased. Symbols
     sign x level + s in [0, 2s] are range-coded (QSGD's Elias coding, done better)."""
 
-    def __init__(self, levels: int = 256) -> None:
+    def __init__(self, levels: int = 256, deflate: bool = False) -> None:
         if not 1 <= levels <= 32767:
             raise ValueError(f"levels must be in 1..32767, got {levels}")
         self.levels = levels
+        self.deflate = deflate
 
     def encode(self, values: torch.Tensor, full: torch.Tensor, generator: torch.Generator | None) -> bytes:
         norm = float(values.double().norm())
@@ -111,7 +117,7 @@ class QSGD:
         level = low + (torch.rand(values.numel(), generator=generator, dtype=torch.float64) < scaled - low)
         level = torch.clamp(level, max=self.levels)
         symbols = (torch.sign(values).double() * level + self.levels).to(torch.int64).numpy()
-        return _F32.pack(norm) + struct.pack("<H", self.levels) + encode_symbols(symbols, 2 * self.levels + 1)
+        return _F32.pack(norm) + struct.pack("<H", self.levels) + encode_symbols(symbols, 2 * self.levels + 1, self.deflate)
 
     def decode(self, blob: memoryview, n: int) -> torch.Tensor:
         norm = _read_scale(blob, "QSGD values")

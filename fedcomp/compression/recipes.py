@@ -85,9 +85,12 @@ TopKCompressor = register("topk")(_sparse_recipe(
     "Top-k by magnitude (Dutta et al.; CAT Eq. 2), values fp32. ratio (fraction of d) or k."))
 RandomKCompressor = register("randomk")(_sparse_recipe(
     "RandomKCompressor", RandomK, Float32Values, "k uniformly random coordinates, values fp32."))
-SQCompressor = register("sq")(_sparse_recipe(
-    "SQCompressor", TopK, lambda: ScaledSign("full_l2"),
-    "Sparsification + quantization, CAT Eq. 3: top-T positions, each sent as ||g||_2 sign(g_j)."))
+@register("sq")
+class SQCompressor(Recipe):
+    """Sparsification + quantization, CAT Eq. 3: top-T positions, each sent as ||g||_2 sign(g_j)."""
+
+    def __init__(self, ratio: float | None = None, k: int | None = None, deflate: bool = False) -> None:
+        super().__init__(TopK(ratio=0.01 if ratio is None and k is None else ratio, k=k), ScaledSign("full_l2", deflate))
 StochasticCompressor = register("stochastic")(_sparse_recipe(
     "StochasticCompressor", Stochastic, Float32Values,
     "Stochastic sparsification, CAT Eq. 4 with App. F's optimal probabilities (T = ratio x d on average)."))
@@ -105,24 +108,24 @@ class ThresholdCompressor(Recipe):
 class TernGradCompressor(Recipe):
     """TernGrad on the whole tensor: {-s, 0, s} with s = max|x|, stochastic, range-coded."""
 
-    def __init__(self, seed: int = 0) -> None:
-        super().__init__(Dense(), TernGrad(), seed)
+    def __init__(self, seed: int = 0, deflate: bool = False) -> None:
+        super().__init__(Dense(), TernGrad(deflate), seed)
 
 
 @register("qsgd")
 class QSGDCompressor(Recipe):
     """QSGD with ``levels`` quantization levels (Dutta et al. use 256)."""
 
-    def __init__(self, levels: int = 256, seed: int = 0) -> None:
-        super().__init__(Dense(), QSGD(levels), seed)
+    def __init__(self, levels: int = 256, seed: int = 0, deflate: bool = False) -> None:
+        super().__init__(Dense(), QSGD(levels, deflate), seed)
 
 
 @register("signsgd")
 class SignSGDCompressor(Recipe):
     """signSGD (Bernstein et al. 2018): sign(x) per coordinate (0 stays 0)."""
 
-    def __init__(self) -> None:
-        super().__init__(Dense(), ScaledSign("one"))
+    def __init__(self, deflate: bool = False) -> None:
+        super().__init__(Dense(), ScaledSign("one", deflate))
 
 
 @register("scaled_sign")
@@ -130,5 +133,5 @@ class ScaledSignCompressor(Recipe):
     """EF-signSGD's compressor (Karimireddy et al. 2019): (||x||_1 / d) sign(x).
     Pair it with error feedback (``error_feedback: true``) for EF-signSGD."""
 
-    def __init__(self) -> None:
-        super().__init__(Dense(), ScaledSign("mean_abs"))
+    def __init__(self, deflate: bool = False) -> None:
+        super().__init__(Dense(), ScaledSign("mean_abs", deflate))
