@@ -37,6 +37,9 @@ class Compressor(ABC):
     def reseed(self, seed: int) -> None:
         """Reset the random stream (no-op for deterministic compressors)."""
 
+    def set_round(self, server_round: int) -> None:
+        """Tell a scheduled compressor (warm-up) which round it compresses for."""
+
 
 def check_finite(x: torch.Tensor) -> None:
     """Refuse NaN/Inf: they would poison the aggregate silently on the other side."""

@@ -40,3 +40,6 @@ class ErrorFeedback(Compressor):
 
     def reseed(self, seed: int) -> None:
         self.inner.reseed(seed)
+
+    def set_round(self, server_round: int) -> None:
+        self.inner.set_round(server_round)

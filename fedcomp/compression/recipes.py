@@ -91,6 +91,10 @@ class SQCompressor(Recipe):
 
     def __init__(self, ratio: float | None = None, k: int | None = None, deflate: bool = False) -> None:
         super().__init__(TopK(ratio=0.01 if ratio is None and k is None else ratio, k=k), ScaledSign("full_l2", deflate))
+STCCompressor = register("stc")(_sparse_recipe(
+    "STCCompressor", TopK, lambda: ScaledSign("mean_abs"),
+    "Sparse ternary compression (Sattler et al. 2020): top-k positions, each mu sign(x_j) with mu "
+    "the mean magnitude of the kept values; Rice-coded positions. Use with error feedback."))
 StochasticCompressor = register("stochastic")(_sparse_recipe(
     "StochasticCompressor", Stochastic, Float32Values,
     "Stochastic sparsification, CAT Eq. 4 with App. F's optimal probabilities (T = ratio x d on average)."))

@@ -73,3 +73,7 @@ class Layerwise(Compressor):
     def reseed(self, seed: int) -> None:
         for i, p in enumerate(self.parts):
             p.reseed(seed * 1_000_003 + i)
+
+    def set_round(self, server_round: int) -> None:
+        for p in self.parts:
+            p.set_round(server_round)

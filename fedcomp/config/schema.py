@@ -54,6 +54,9 @@ class TrainConfig:
     lr: float = 0.05
     momentum: float = 0.0
     weight_decay: float = 0.0
+    # Step schedule: lr x lr_gamma at each milestone (fractions of num_rounds), e.g. [0.5, 0.75].
+    lr_milestones: list[float] = field(default_factory=list)
+    lr_gamma: float = 0.1
     eval_batch_size: int = 1000
 
     def __post_init__(self) -> None:
@@ -64,6 +67,8 @@ class TrainConfig:
         _require(0 <= self.momentum < 1, "train.momentum", "must be in [0, 1)", self.momentum)
         _require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0", self.weight_decay)
         _require(self.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1", self.eval_batch_size)
+        _require(all(0 < m < 1 for m in self.lr_milestones), "train.lr_milestones", "must be fractions in (0, 1)", self.lr_milestones)
+        _require(0 < self.lr_gamma <= 1, "train.lr_gamma", "must be in (0, 1]", self.lr_gamma)
 
 
 @dataclass

@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 
 from fedcomp.config import compose_config
 from fedcomp.fl import messages as M
+from fedcomp.fl.hgc_client import HGC, hgc_round
 from fedcomp.fl.local import train_local
 from fedcomp.fl.runtime import Runtime, get_runtime
 
@@ -42,11 +43,12 @@ def receive_model(rt: Runtime, down: ConfigRecord, state: RecordDict) -> torch.T
     return replica
 
 
-def compress_update(rt: Runtime, update: torch.Tensor, state: RecordDict, seed: int) -> bytes:
+def compress_update(rt: Runtime, update: torch.Tensor, state: RecordDict, seed: int, server_round: int) -> bytes:
     """Uplink compression with this client's own compressor state (error feedback, ...)."""
     up = rt.compressor("up")
     up.load_state(state[M.UP_STATE].to_torch_state_dict() if M.UP_STATE in state else {})
     up.reseed(seed)
+    up.set_round(server_round)
     payload = up.compress(update)
     kept = up.state()
     if kept:
@@ -54,20 +56,27 @@ def compress_update(rt: Runtime, update: torch.Tensor, state: RecordDict, seed: 
     return payload
 
 
+def round_training(rt: Runtime, config: ConfigRecord) -> dict:
+    """Local-training settings for this round: the config's, with the server's learning rate."""
+    return {**rt.local_training, "lr": float(config["lr"])}
+
+
 def train_on_client(cfg: DictConfig, msg: Message, context: Context) -> Message:
     rt = get_runtime(cfg)
     partition_id = int(context.node_config["partition-id"])
     config = msg.content[M.CONFIG]
+    seed = int(np.random.SeedSequence([cfg.seed, int(config["server-round"]), partition_id]).generate_state(1)[0])
+    if HGC in msg.content:
+        return hgc_round(rt, msg, context.state, partition_id, seed, round_training(rt, config))
     received = receive_model(rt, msg.content[M.DOWN], context.state)
     rt.layout.load(rt.model, received)
     indices = rt.client_indices(partition_id)
-    seed = int(np.random.SeedSequence([cfg.seed, int(config["server-round"]), partition_id]).generate_state(1)[0])
     generator = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
-    loss = train_local(rt.model, rt.train.x, rt.train.y, indices, generator=generator, **rt.local_training)
+    loss = train_local(rt.model, rt.train.x, rt.train.y, indices, generator=generator, **round_training(rt, config))
     compute_s = time.perf_counter() - start
     update = rt.layout.flatten(rt.model) - received
-    payload = compress_update(rt, update, context.state, seed)
+    payload = compress_update(rt, update, context.state, seed, int(config["server-round"]))
     metrics = MetricRecord({
         "num-examples": len(indices), "train-loss": loss, "compute-s": compute_s, "partition-id": partition_id,
     })

@@ -11,17 +11,36 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from fedcomp.compression import build
 from fedcomp.fl.client_app import config_from_overrides
 from fedcomp.fl.local import evaluate
-from fedcomp.fl.runtime import get_runtime
+from fedcomp.fl.lr_schedule import LRSchedule
+from fedcomp.fl.runtime import Runtime, get_runtime
 from fedcomp.metrics import MetricsRecorder, RoundStats
 from fedcomp.network import NetworkModel
 from fedcomp.progress import RoundProgress
+
+
+def build_strategy(cfg: DictConfig, rt: Runtime) -> Strategy:
+    """The configured strategy class with what the runner supplies: compressors, network
+    model, sampling fraction, seed, downlink mode and learning-rate schedule."""
+    # _partial_: Hydra would turn the objects passed below into configs.
+    return instantiate(cfg.strategy, _partial_=True)(
+        up=rt.compressor("up"),
+        down=rt.compressor("down"),
+        network=NetworkModel.from_config(cfg.network, cfg.simulation.num_clients, cfg.seed),
+        fraction=cfg.simulation.fraction,
+        seed=cfg.seed,
+        downlink=cfg.compressor.downlink,
+        lr_schedule=LRSchedule.from_config(cfg.train, cfg.num_rounds),
+    )
 
 
 def run_server(grid: Grid, cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
@@ -30,17 +49,10 @@ def run_server(grid: Grid, cfg: DictConfig, out_dir: str | Path) -> dict[str, An
         logging.getLogger("flwr").setLevel(logging.WARNING)
     _wait_for_nodes(grid, cfg.simulation.num_clients)
     rt = get_runtime(cfg)
-    recorder = MetricsRecorder(out_dir, cfg, cfg.target_accuracy)
+    dense = len(build("identity").compress(torch.zeros(rt.layout.numel)))
+    recorder = MetricsRecorder(out_dir, cfg, cfg.target_accuracy, dense_bytes=dense)
     recorder.save_partition(rt.partition)
-    # _partial_: Hydra would turn the objects passed below into configs.
-    strategy = instantiate(cfg.strategy, _partial_=True)(
-        up=rt.compressor("up"),
-        down=rt.compressor("down"),
-        network=NetworkModel.from_config(cfg.network, cfg.simulation.num_clients, cfg.seed),
-        fraction=cfg.simulation.fraction,
-        seed=cfg.seed,
-        downlink=cfg.compressor.downlink,
-    )
+    strategy = build_strategy(cfg, rt)
     eval_model = rt.new_model()
     initial_accuracy: list[float] = []
 

@@ -31,6 +31,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedcomp.compression import Compressor, build
 from fedcomp.fl import messages as M
+from fedcomp.fl.lr_schedule import LRSchedule
 from fedcomp.metrics import ClientRound, RoundStats
 from fedcomp.models import StateLayout
 from fedcomp.network import NetworkModel
@@ -42,7 +43,7 @@ DOWNLINK_MODES = ("model", "update")
 class CompressedFedAvg(Strategy):
     def __init__(
         self, *, up: Compressor, down: Compressor, network: NetworkModel, fraction: float = 1.0,
-        seed: int = 0, server_lr: float = 1.0, downlink: str = "model",
+        seed: int = 0, server_lr: float = 1.0, downlink: str = "model", lr_schedule: LRSchedule | None = None,
     ) -> None:
         if downlink not in DOWNLINK_MODES:
             raise ValueError(f"downlink must be 'model' or 'update', got {downlink!r}")
@@ -53,6 +54,7 @@ class CompressedFedAvg(Strategy):
         self.fraction = fraction
         self.seed = seed
         self.server_lr = server_lr
+        self.lr_schedule = lr_schedule or LRSchedule(base=float("nan"))
         self.rounds: dict[int, RoundStats] = {}
         self._layout: StateLayout | None = None
         self._state: dict[str, torch.Tensor] = {}
@@ -79,6 +81,10 @@ class CompressedFedAvg(Strategy):
         Override for server optimisers (momentum, Adam, ...)."""
         return self.server_lr * update
 
+    def round_config(self, config: ConfigRecord, server_round: int) -> ConfigRecord:
+        """What every client is told this round: the round and its local learning rate."""
+        return ConfigRecord({**config, "server-round": server_round, "lr": self.lr_schedule.lr(server_round)})
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
@@ -86,7 +92,7 @@ class CompressedFedAvg(Strategy):
         if self._layout is None:
             self._layout = StateLayout.of(self._state)
         self._global = self._layout.flatten(self._state)
-        config = ConfigRecord({**config, "server-round": server_round})
+        config = self.round_config(config, server_round)
         nodes = self.sample(list(grid.get_node_ids()), server_round)
         messages = []
         for node_id, down in zip(nodes, self._downlink_records(nodes)):
@@ -138,6 +144,7 @@ class CompressedFedAvg(Strategy):
         if self.downlink == "model":
             self._global += step
         else:
+            self.down.set_round(server_round)
             self._pending = self.down.compress(step)
             self._global += self.down.decompress(self._pending)
             self._version += 1

@@ -11,6 +11,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from fedcomp.metrics.accounting import compression_ratios
 from fedcomp.metrics.records import RoundStats
 from fedcomp.partition import Partition
 
@@ -25,11 +26,13 @@ def _finite_or_none(x: float | None) -> float | None:
 
 
 class MetricsRecorder:
-    def __init__(self, out_dir: str | Path, cfg: DictConfig, target_accuracy: float | None = None) -> None:
+    def __init__(self, out_dir: str | Path, cfg: DictConfig, target_accuracy: float | None = None, dense_bytes: int | None = None) -> None:
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.cfg = cfg
         self.target = target_accuracy
+        self.dense_bytes = dense_bytes
+        self._client_rows: list[dict[str, Any]] = []
         self.rows: list[dict[str, Any]] = []
         self.t0 = time.perf_counter()
         self.sim_time = 0.0
@@ -62,7 +65,9 @@ class MetricsRecorder:
         self.rows.append(row)
         self._csv.writerow(row)
         self._csv_file.flush()
-        self._jsonl.write(json.dumps({**row, "clients": stats.per_client()}) + "\n")
+        full = {**row, "clients": stats.per_client()}
+        self._client_rows.append(full)
+        self._jsonl.write(json.dumps(full) + "\n")
         self._jsonl.flush()
         return row
 
@@ -84,6 +89,9 @@ class MetricsRecorder:
             "wall_time_s": time.perf_counter() - self.t0,
             "target_accuracy": self.target,
         }
+        if self.dense_bytes is not None:
+            summary["dense_payload_bytes"] = self.dense_bytes
+            summary.update(compression_ratios(self._client_rows, self.dense_bytes))
         if self.target is not None:
             hit = next((r for r in evaluated if r["accuracy"] >= self.target), None)
             summary["target_reached"] = {

@@ -1,0 +1,177 @@
+"""HGCStrategy: the server side of Hybrid Gradient Compression (003_... Sec. 3, Fig. 1).
+
+Round t, with k = ratio_t x d (warm-up and LR-step adjustment of ``fedcomp.hgc.schedule``):
+
+1. Shared mask. ``mask_policy``:
+   ``rotating`` (default) / ``largest`` -- one sampled client owns the mask: the round's
+     sampled clients in turn, or the one with the most training samples (known from earlier
+     replies; rotating until then). The server sends the owner its train message first; the
+     owner trains, takes the top-k of its error-corrected update, and returns its payload
+     with the Rice-coded mask (counted in its uplink). The server then relays the mask to the
+     other sampled clients inside their train messages (counted in each one's downlink), and
+     they sparsify on it. Simulated time: the members' transfers wait for the owner's.
+   ``own`` -- every client sends its own top-k mask (no cross-client sharing); used to
+     measure CR_c.
+2. Clients quantize their masked values with q bits (Eq. 3), XOR the symbols with the
+   prediction quantized the same way (Eq. 4; ``predictive``), range-code the residue, and keep
+   what was lost in their error-feedback memory.
+3. The server undoes the XOR with its mirror predictor, aggregates g~ = sum_i (n_i / n) x_i on
+   the mask, applies w <- w + server_lr g~, and feeds g~ to its predictor.
+4. Downlink: the next train message of each client that took part carries the round's entries
+   (relayed, without the shared mask), from which it rebuilds exactly g~, updates its replica
+   and its predictor. A client that missed a round first receives w and the predictor
+   buffers in full (counted).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+
+from fedcomp.coding import encode_indices
+from fedcomp.compression.selectors import budget
+from fedcomp.fl import messages as M
+from fedcomp.fl.strategy import CompressedFedAvg
+from fedcomp.hgc.codec import aggregate, decode_uplink, encode_relay, encode_sync, entry_mask, entry_values, hgc_step
+from fedcomp.hgc.predictor import Predictor
+from fedcomp.hgc.schedule import lr_step_adjusted_ratio, warmup_ratio
+from fedcomp.metrics import ClientRound, RoundStats
+from fedcomp.models import StateLayout
+
+HGC = "fedcomp.hgc"
+MASK_POLICIES = ("rotating", "largest", "own")
+
+
+class HGCStrategy(CompressedFedAvg):
+    def __init__(
+        self, *, ratio: float = 0.001, bits: int = 1, warmup_rounds: int = 0, warmup_start: float = 0.25,
+        mask_policy: str = "rotating", predictive: bool = True, beta: float = 0.9, eps: float = 1e-8,
+        deflate: bool = False, lr_step_window: int = 0, lr_step_ratio_factor: float = 10.0, **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        if mask_policy not in MASK_POLICIES:
+            raise ValueError(f"mask_policy must be one of {MASK_POLICIES}, got {mask_policy!r}")
+        budget(1, ratio, None)
+        self.ratio, self.bits = ratio, bits
+        self.warmup_rounds, self.warmup_start = warmup_rounds, warmup_start
+        self.mask_policy, self.predictive, self.deflate = mask_policy, predictive, deflate
+        self.lr_step_window, self.lr_step_ratio_factor = lr_step_window, lr_step_ratio_factor
+        self.predictor = Predictor(beta, eps)
+        self.beta, self.eps = beta, eps
+        self._sizes: dict[int, int] = {}  # node -> training samples, learnt from replies
+        self._owner_reply: Message | None = None
+        self._owner: int | None = None
+        self._mask_blob: bytes | None = None
+
+    def ratio_at(self, server_round: int) -> float:
+        r = warmup_ratio(server_round, self.ratio, self.warmup_rounds, self.warmup_start)
+        return lr_step_adjusted_ratio(server_round, r, self.lr_schedule.step_rounds, self.lr_step_window, self.lr_step_ratio_factor)
+
+    def _pick_owner(self, nodes: list[int], server_round: int) -> int:
+        if self.mask_policy == "largest" and all(n in self._sizes for n in nodes):
+            return max(nodes, key=lambda n: (self._sizes[n], -n))
+        return nodes[(server_round - 1) % len(nodes)]
+
+    def _record(self, server_round: int, node_id: int, phase: str, k: int, mask: bytes | None) -> ConfigRecord:
+        in_sync = self._pending is not None and self._synced.get(node_id) == self._version - 1
+        sync = self._pending if in_sync else encode_sync(self._global, self.predictor if self._version else None)
+        self._synced[node_id] = self._version
+        rec = {
+            "phase": phase, "k": k, "bits": self.bits, "predictive": self.predictive, "deflate": self.deflate,
+            "beta": self.beta, "eps": self.eps, "server-lr": self.server_lr,
+            M.KIND: M.DELTA if in_sync else M.FULL, M.PAYLOAD: sync, M.VERSION: self._version,
+        }
+        if mask is not None:
+            rec["mask"] = mask
+        self._down_bytes[node_id] = len(sync) + (len(mask) if mask is not None else 0)
+        return ConfigRecord(rec)
+
+    def _message(self, node_id: int, record: ConfigRecord, config: ConfigRecord) -> Message:
+        return Message(RecordDict({HGC: record, M.CONFIG: config}), dst_node_id=node_id, message_type=MessageType.TRAIN)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self._state = arrays.to_torch_state_dict()
+        if self._layout is None:
+            self._layout = StateLayout.of(self._state)
+            self._global = self._layout.flatten(self._state)
+            self.predictor.reset(self._global.numel())
+        config = self.round_config(config, server_round)
+        nodes = self.sample(list(grid.get_node_ids()), server_round)
+        k = budget(self._global.numel(), self.ratio_at(server_round), None)
+        self._owner_reply, self._owner, self._mask_blob = None, None, None
+        if self.mask_policy == "own":
+            return [self._message(n, self._record(server_round, n, "own", k, None), config) for n in nodes]
+        self._owner = self._pick_owner(nodes, server_round)
+        # Phase 1: the owner computes the mask; its reply also carries its own payload.
+        owner_msg = self._message(self._owner, self._record(server_round, self._owner, "owner", k, None), config)
+        (self._owner_reply,) = grid.send_and_receive([owner_msg])
+        if self._owner_reply.has_error():
+            raise RuntimeError(f"mask owner {self._owner} failed: {self._owner_reply.error.reason}")
+        entry, _ = decode_uplink(self._owner_reply.content[M.UP][M.PAYLOAD])
+        self._mask_blob = entry.mask_blob
+        # Phase 2: everyone else, with the mask relayed.
+        return [self._message(n, self._record(server_round, n, "member", k, self._mask_blob), config)
+                for n in nodes if n != self._owner]
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = ([self._owner_reply] if self._owner_reply is not None else []) + list(replies)
+        replies.sort(key=lambda r: r.metadata.src_node_id)  # one fixed aggregation order
+        d = self._global.numel()
+        stats = RoundStats(server_round)
+        entries, parts, sizes = [], [], []
+        shared = None
+        for reply in replies:
+            if reply.has_error():
+                raise RuntimeError(f"client on node {reply.metadata.src_node_id} failed: {reply.error.reason}")
+            payload = reply.content[M.UP][M.PAYLOAD]
+            entry, numel = decode_uplink(payload)
+            if numel != d:
+                raise ValueError(f"HGC payload for d={numel}, the model has d={d}")
+            if entry.mask_blob is not None and self.mask_policy != "own":
+                shared = entry_mask(entry, None, d)
+            entries.append(entry)
+            metrics = reply.content[M.METRICS]
+            node = reply.metadata.src_node_id
+            self._sizes[node] = int(metrics["num-examples"])
+            sizes.append(int(metrics["num-examples"]))
+            stats.clients.append(ClientRound(
+                partition_id=int(metrics["partition-id"]), bytes_up=len(payload), bytes_down=self._down_bytes[node],
+                num_examples=sizes[-1], train_loss=float(metrics["train-loss"]), compute_s=float(metrics["compute-s"]),
+            ))
+        if not entries:
+            raise RuntimeError(f"round {server_round}: no client replied")
+        for entry in entries:
+            mask = entry_mask(entry, shared, d)
+            parts.append((mask, entry_values(entry, mask, self.predictor)))
+        weights = np.asarray(sizes, dtype=np.float32) / np.float32(sum(sizes))
+        g = aggregate(parts, weights, d)
+        self._global += hgc_step(g, self.server_lr)
+        self.predictor.observe(g)
+        self._pending = encode_relay(entries, weights.tolist(), d, self.deflate, keep_masks=self.mask_policy == "own")
+        self._version += 1
+        stats.sim_time_s = self._round_time(stats, replies)
+        self.rounds[server_round] = stats
+        self._layout.load(self._state, self._global)
+        return ArrayRecord(self._state), MetricRecord({"train-loss": stats.train_loss, "num-examples": sum(sizes)})
+
+    def _round_time(self, stats: RoundStats, replies: list[Message]) -> float:
+        """Members train while the owner works, but compress only once the mask, relayed after
+        the owner's upload, has reached them."""
+        if self._owner is None:
+            return self.network.round_time({c.partition_id: (c.bytes_up, c.bytes_down, c.compute_s) for c in stats.clients})
+        net, scale = self.network, self.network.compute_scale
+        by_node = {r.metadata.src_node_id: c for c, r in zip(stats.clients, replies)}
+        owner = by_node.pop(self._owner)
+        t_mask = net.links[owner.partition_id].round_time(owner.bytes_up, owner.bytes_down, owner.compute_s, scale)
+        finish = t_mask
+        for c in by_node.values():
+            link = net.links[c.partition_id]
+            mask_bytes = len(self._mask_blob or b"")
+            trained = link.latency_s + 8.0 * (c.bytes_down - mask_bytes) / link.downlink_bps + c.compute_s * scale * link.speed_factor
+            mask_in = t_mask + link.latency_s + 8.0 * mask_bytes / link.downlink_bps
+            finish = max(finish, max(trained, mask_in) + link.latency_s + 8.0 * c.bytes_up / link.uplink_bps)
+        return finish

@@ -1,0 +1,174 @@
+"""HGC payloads and the aggregation that the server and the clients both run.
+
+One client's entry (its uplink payload body, and its part of the downlink relay)::
+
+    flags u8 (bit 0: carries a mask, bit 1: symbols are XOR residues against the prediction)
+    bits u8 (q) | [mask blob length u64 | Rice-coded mask] | 2^q level means f32
+    symbol stream length u64 | symbol stream (``fedcomp.coding.encode_symbols``)
+
+Uplink payload: frame "hgc" of shape (d,) around one entry. Downlink payload: frame
+"hgc.relay" around  n u32 | n weights f32 | n x (length u64 | entry), the round's entries in
+aggregation order with the shared mask left out (every participant already holds it). The
+relay is a lossless coding of the aggregated gradient: a client rebuilds exactly the g~ the
+server applied, without the server re-sparsifying or re-quantizing it.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedcomp.coding import decode_indices, decode_symbols, encode_indices, encode_symbols
+from fedcomp.hgc.predictor import Predictor, xor_residue
+from fedcomp.hgc.quantizer import dequantize_levels
+from fedcomp.wire import PayloadError, pack_frame, unpack_frame
+
+HAS_MASK, PREDICTIVE = 1, 2
+_U64 = struct.Struct("<Q")
+_HEAD = struct.Struct("<BB")
+
+
+@dataclass
+class Entry:
+    """One client's quantized, sparsified gradient as it travels."""
+
+    bits: int
+    levels: np.ndarray  # float32, 2^bits
+    symbols: np.ndarray  # int64 residues (predictive) or level symbols
+    predictive: bool
+    mask_blob: bytes | None = None  # Rice-coded mask, when this entry carries one
+
+    def to_bytes(self, deflate: bool = False, with_mask: bool = True) -> bytes:
+        mask = self.mask_blob if with_mask else None
+        flags = (HAS_MASK if mask is not None else 0) | (PREDICTIVE if self.predictive else 0)
+        out = bytearray(_HEAD.pack(flags, self.bits))
+        if mask is not None:
+            out += _U64.pack(len(mask)) + mask
+        stream = encode_symbols(self.symbols, 1 << self.bits, deflate)
+        out += self.levels.astype("<f4").tobytes() + _U64.pack(len(stream)) + stream
+        return bytes(out)
+
+
+def _take(data: memoryview, pos: int, n: int, what: str) -> tuple[memoryview, int]:
+    if n > len(data) - pos:
+        raise PayloadError(f"truncated HGC {what}")
+    return data[pos : pos + n], pos + n
+
+
+def parse_entry(data: memoryview) -> Entry:
+    head, pos = _take(data, 0, _HEAD.size, "entry header")
+    flags, bits = _HEAD.unpack(head)
+    if flags & ~(HAS_MASK | PREDICTIVE) or not 1 <= bits <= 8:
+        raise PayloadError(f"bad HGC entry header (flags {flags}, bits {bits})")
+    mask_blob = None
+    if flags & HAS_MASK:
+        raw, pos = _take(data, pos, _U64.size, "mask length")
+        mask, pos = _take(data, pos, _U64.unpack(raw)[0], "mask")
+        mask_blob = bytes(mask)
+    raw, pos = _take(data, pos, 4 << bits, "levels")
+    levels = np.frombuffer(raw, dtype="<f4").astype(np.float32)
+    if not np.isfinite(levels).all():
+        raise PayloadError("HGC level means are not finite")
+    raw, pos = _take(data, pos, _U64.size, "symbol length")
+    stream, pos = _take(data, pos, _U64.unpack(raw)[0], "symbols")
+    if pos != len(data):
+        raise PayloadError("trailing bytes after an HGC entry")
+    symbols = decode_symbols(stream, 1 << bits)
+    return Entry(bits, levels, symbols, bool(flags & PREDICTIVE), mask_blob)
+
+
+def encode_uplink(entry: Entry, d: int, deflate: bool) -> bytes:
+    return pack_frame("hgc", torch.float32, (d,), entry.to_bytes(deflate))
+
+
+def decode_uplink(payload: bytes) -> tuple[Entry, int]:
+    frame = unpack_frame(payload, expect="hgc")
+    return parse_entry(memoryview(frame.body)), frame.numel
+
+
+def encode_relay(entries: list[Entry], weights: list[float], d: int, deflate: bool, keep_masks: bool) -> bytes:
+    body = bytearray(struct.pack("<I", len(entries)) + np.asarray(weights, dtype="<f4").tobytes())
+    for e in entries:
+        raw = e.to_bytes(deflate, with_mask=keep_masks)
+        body += _U64.pack(len(raw)) + raw
+    return pack_frame("hgc.relay", torch.float32, (d,), bytes(body))
+
+
+def decode_relay(payload: bytes) -> tuple[list[Entry], np.ndarray, int]:
+    frame = unpack_frame(payload, expect="hgc.relay")
+    data = memoryview(frame.body)
+    raw, pos = _take(data, 0, 4, "relay count")
+    (n,) = struct.unpack("<I", raw)
+    raw, pos = _take(data, pos, 4 * n, "relay weights")
+    weights = np.frombuffer(raw, dtype="<f4").astype(np.float32)
+    entries = []
+    for _ in range(n):
+        raw, pos = _take(data, pos, _U64.size, "relay entry length")
+        chunk, pos = _take(data, pos, _U64.unpack(raw)[0], "relay entry")
+        entries.append(parse_entry(chunk))
+    if pos != len(data):
+        raise PayloadError("trailing bytes after the HGC relay")
+    return entries, weights, frame.numel
+
+
+def entry_mask(entry: Entry, shared: torch.Tensor | None, d: int) -> torch.Tensor:
+    """The coordinates an entry's values sit on: its own mask, else the round's shared one."""
+    if entry.mask_blob is not None:
+        return torch.from_numpy(decode_indices(entry.mask_blob, d))
+    if shared is None:
+        raise PayloadError("HGC entry without a mask, and no shared mask known")
+    return shared
+
+
+def entry_values(entry: Entry, mask: torch.Tensor, predictor: Predictor) -> torch.Tensor:
+    """Undo the XOR residue (with the prediction on ``mask``) and dequantize."""
+    if len(entry.symbols) != len(mask):
+        raise PayloadError(f"HGC entry has {len(entry.symbols)} values for a mask of {len(mask)}")
+    symbols = entry.symbols
+    if entry.predictive:
+        symbols = xor_residue(symbols, predictor.predicted_symbols(mask, entry.bits))
+    if symbols.size and symbols.max() >= (1 << entry.bits):
+        raise PayloadError("HGC symbol outside its levels")
+    return dequantize_levels(symbols, entry.levels)
+
+
+def aggregate(parts: list[tuple[torch.Tensor, torch.Tensor]], weights: np.ndarray, d: int) -> torch.Tensor:
+    """g~ = sum_i w_i S_i(Q(x_i)), in float64, in the order given -- the one function both
+    the server and every client run, so they hold bit-identical aggregates."""
+    g = torch.zeros(d, dtype=torch.float64)
+    for (mask, values), w in zip(parts, weights.astype(np.float64)):
+        g.index_add_(0, mask, values.double() * float(w))
+    return g
+
+
+def encode_sync(w: torch.Tensor, predictor: Predictor | None) -> bytes:
+    """Full resynchronisation of a client that missed rounds: the model (fp32) and, once the
+    predictor has seen a gradient, its buffers (fp64, so they stay bit-identical).
+    Body: flag u8 (1: buffers follow) | w | [u | v]."""
+    body = bytearray([predictor is not None]) + w.float().numpy().astype("<f4").tobytes()
+    if predictor is not None:
+        body += predictor.u.numpy().astype("<f8").tobytes() + predictor.v.numpy().astype("<f8").tobytes()
+    return pack_frame("hgc.sync", torch.float32, (w.numel(),), bytes(body))
+
+
+def decode_sync(payload: bytes) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(w, predictor buffers); the buffers are zeros when the sync carries none."""
+    frame = unpack_frame(payload, expect="hgc.sync")
+    d, body = frame.numel, frame.body
+    has_buffers = body[:1] == b"\x01"
+    if len(body) != 1 + (20 if has_buffers else 4) * d or body[:1] not in (b"\x00", b"\x01"):
+        raise PayloadError(f"HGC sync body of {len(body)} bytes does not fit d={d}")
+    w = torch.from_numpy(np.frombuffer(body, "<f4", d, 1).astype(np.float32))
+    if not has_buffers:
+        return w, {"u": torch.zeros(d, dtype=torch.float64), "v": torch.zeros(d, dtype=torch.float64)}
+    u = torch.from_numpy(np.frombuffer(body, "<f8", d, 1 + 4 * d).astype(np.float64))
+    v = torch.from_numpy(np.frombuffer(body, "<f8", d, 1 + 12 * d).astype(np.float64))
+    return w, {"u": u, "v": v}
+
+
+def hgc_step(g: torch.Tensor, server_lr: float) -> torch.Tensor:
+    """The model step from an aggregate, identical on the server and the clients."""
+    return (server_lr * g).float()
