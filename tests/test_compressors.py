@@ -222,3 +222,33 @@ def test_deflate_option_round_trips_and_never_grows_the_payload(name):
     p1, p2 = plain.compress(x), deflated.compress(x)
     assert len(p2) <= len(p1)
     assert torch.equal(deflated.decompress(p2), plain.decompress(p1))
+
+
+def test_stc_is_sparse_ternary_with_mean_magnitude():
+    x = torch.tensor([0.1, -4.0, 0.2, 2.0, -0.3])
+    y = build("stc", k=2).decompress(build("stc", k=2).compress(x))
+    assert torch.allclose(y, torch.tensor([0.0, -3.0, 0.0, 3.0, 0.0]))  # mu = (4 + 2) / 2
+
+
+def test_dgc_momentum_correction_and_factor_masking():
+    c = build("dgc", ratio=0.25, momentum=0.5)  # k = 1 of 4
+    g = torch.tensor([1.0, 0.5, 0.1, 0.0])
+    first = c.decompress(c.compress(g))
+    assert torch.equal(first, torch.tensor([1.0, 0.0, 0.0, 0.0]))
+    state = c.state()
+    assert state["u"][0] == 0 and state["v"][0] == 0  # masked after sending
+    assert torch.allclose(state["v"], torch.tensor([0.0, 0.5, 0.1, 0.0]))
+    second = c.decompress(c.compress(g))
+    # u = 0.5 u + g -> [1, 0.75, 0.15, 0]; v += u -> [1, 1.25, 0.25, 0]: coordinate 1 goes
+    assert torch.allclose(second, torch.tensor([0.0, 1.25, 0.0, 0.0]))
+
+
+def test_dgc_clipping_and_warmup():
+    c = build("dgc", ratio=0.01, momentum=0.0, clip_norm=1.0, warmup_rounds=10)
+    x = tensor((1000,), 3) * 100
+    c.set_round(1)
+    y = c.decompress(c.compress(x))
+    assert int((y != 0).sum()) == 250  # warm-up starts at 25%
+    assert float(y.norm()) <= 1.0 + 1e-5  # clipped before selection
+    c.set_round(11)
+    assert int((c.decompress(c.compress(x)) != 0).sum()) == 10
