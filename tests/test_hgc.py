@@ -88,6 +88,25 @@ def test_uplink_payload_decodes_to_exactly_what_the_client_computed():
     assert torch.equal(entry_values(entry, got_mask, server), sent)
 
 
+def test_momentum_changes_after_the_lr_step_window(fast_cfg):
+    strategy, _ = run_hgc(fast_cfg, 2, "strategy.momentum=0.9", "strategy.momentum_after_lr_step=0.5",
+                          "train.lr_milestones=[0.5]", "strategy.lr_step_window=1")
+    step = strategy.lr_schedule.step_rounds[0]
+    assert strategy.momentum_at(step) == 0.9 and strategy.momentum_at(step + 1) == 0.9
+    assert strategy.momentum_at(step + 2) == 0.5
+
+
+def test_resync_carries_model_predictor_and_velocity():
+    from fedcomp.hgc.codec import decode_sync, encode_sync
+
+    w = torch.randn(50)
+    buffers = {"u": torch.randn(50, dtype=torch.float64), "velocity": torch.randn(50, dtype=torch.float64)}
+    got_w, got = decode_sync(encode_sync(w, buffers))
+    assert torch.equal(got_w, w) and torch.equal(got["u"], buffers["u"]) and torch.equal(got["velocity"], buffers["velocity"])
+    assert not got["v"].any()
+    assert len(encode_sync(w, buffers)) - len(encode_sync(w, {})) == 2 * 8 * 50  # two fp64 buffers
+
+
 def test_warmup_and_lr_step_schedule():
     assert warmup_ratio(1, 0.001, 300) == 0.25
     assert warmup_ratio(301, 0.001, 300) == warmup_ratio(1000, 0.001, 300) == 0.001
@@ -114,8 +133,9 @@ def client_buffers(ctx):
     return {k: ctx.state[HGC_STATE][k].numpy() for k in ("u", "v")}
 
 
-def test_predictor_buffers_and_models_identical_on_both_ends(fast_cfg):
-    strategy, grid = run_hgc(fast_cfg, 12, "strategy.bits=2")
+@pytest.mark.parametrize("extra", [(), ("strategy.momentum=0.9", "strategy.momentum_after_lr_step=0.5", "train.lr_milestones=[0.5]")])
+def test_predictor_buffers_and_models_identical_on_both_ends(fast_cfg, extra):
+    strategy, grid = run_hgc(fast_cfg, 12, "strategy.bits=2", *extra)
     server_u, server_v = strategy.predictor.u.numpy(), strategy.predictor.v.numpy()
     # Clients hold the state before the last relay; one more relay brings them level.
     from fedcomp.fl.hgc_client import synchronise
@@ -123,10 +143,11 @@ def test_predictor_buffers_and_models_identical_on_both_ends(fast_cfg):
     for ctx in grid._contexts.values():
         pred = Predictor(strategy.beta, strategy.eps)
         pred.load_state({k: torch.from_numpy(v) for k, v in client_buffers(ctx).items()})
-        rec = {M.KIND: M.DELTA, M.PAYLOAD: strategy._pending, M.VERSION: strategy._version, "server-lr": strategy.server_lr}
-        w = synchronise(rec, ctx.state, pred)
+        rec = {M.KIND: M.DELTA, M.PAYLOAD: strategy._pending, M.VERSION: strategy._version,
+               "server-lr": strategy.server_lr, "relay-momentum": strategy._relay_momentum}
+        w, velocity = synchronise(rec, ctx.state, pred)
         assert np.array_equal(pred.u.numpy(), server_u) and np.array_equal(pred.v.numpy(), server_v)
-        assert torch.equal(w, strategy._global)
+        assert torch.equal(w, strategy._global) and torch.equal(velocity, strategy.velocity)
     assert np.abs(server_u).sum() > 0
 
 

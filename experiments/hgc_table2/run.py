@@ -1,6 +1,6 @@
 """Reproduce HGC's Table 2-4 comparison on FashionMNIST with cnn4 (003_... Sec. 5).
 
-    .venv/bin/python experiments/hgc_table2/run.py [--rounds 200] [--only 4iid|10dir]
+    .venv/bin/python experiments/hgc_table2/run.py [--rounds 120] [--only 4iid|10dir]
 
 Settings: 4 clients with IID data (the paper's client count) and 10 clients with
 Dirichlet(0.5) labels. Methods: FedAvg, DGC, EF-signSGD, STC, HGC at sparsity 0.1% and 1-bit
@@ -82,7 +82,7 @@ def fmt(x: float) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rounds", type=int, default=200)
+    ap.add_argument("--rounds", type=int, default=120)
     ap.add_argument("--only", choices=sorted(SETTINGS))
     args = ap.parse_args()
     settings = [args.only] if args.only else list(SETTINGS)
@@ -96,7 +96,7 @@ def main() -> None:
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     lines = [f"# HGC Table 2-4 on FashionMNIST / cnn4 ({args.rounds} rounds)", "",
-             "Regenerate: `.venv/bin/python experiments/hgc_table2/run.py" + (f" --rounds {args.rounds}" if args.rounds != 200 else "") + "`", ""]
+             "Regenerate: `.venv/bin/python experiments/hgc_table2/run.py" + (f" --rounds {args.rounds}" if args.rounds != 120 else "") + "`", ""]
     for setting, runs in results.items():
         fedavg = runs["FedAvg"]
         lines += [f"## Table 2: {setting} ({'4 clients, IID' if setting == '4iid' else '10 clients, Dirichlet(0.5)'})", "",

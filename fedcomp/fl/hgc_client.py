@@ -1,7 +1,8 @@
 """One HGC client round (003_... Fig. 1, client side); see fl/hgc_strategy.py for the protocol.
 
 Client state in its Flower Context: the model replica and its version, the predictor buffers,
-the error-feedback memory and the round's mask (to read the next downlink relay).
+the server-momentum velocity, the error-feedback memory and the round's mask (to read the next
+downlink relay).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from fedcomp.fl import messages as M
 from fedcomp.fl.local import train_local
 from fedcomp.fl.runtime import Runtime
 from fedcomp.hgc.codec import (
-    Entry, aggregate, decode_relay, decode_sync, encode_uplink, entry_mask, entry_values, hgc_step,
+    Entry, aggregate, decode_relay, decode_sync, encode_uplink, entry_mask, entry_values, hgc_step, momentum_step,
 )
 from fedcomp.hgc.predictor import Predictor, xor_residue
 from fedcomp.hgc.quantizer import dequantize_levels, quantize_levels
@@ -32,13 +33,14 @@ def _load(state: RecordDict, name: str, key: str) -> torch.Tensor | None:
     return None
 
 
-def synchronise(rec: ConfigRecord, state: RecordDict, predictor: Predictor) -> torch.Tensor:
-    """Bring the replica and predictor to the server's version; return the replica."""
-    version, d = int(rec[M.VERSION]), None
+def synchronise(rec: ConfigRecord, state: RecordDict, predictor: Predictor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bring the replica, the predictor and the server-momentum velocity to the server's
+    version; return (replica, velocity)."""
+    version = int(rec[M.VERSION])
     if rec[M.KIND] == M.FULL:
         w, buffers = decode_sync(rec[M.PAYLOAD])
         predictor.load_state(buffers)
-        return w
+        return w, buffers["velocity"]
     held = int(state[M.REPLICA_VERSION][M.VERSION]) if M.REPLICA_VERSION in state else None
     if held != version - 1:
         raise RuntimeError(f"HGC relay to version {version} sent to a client holding version {held}")
@@ -54,14 +56,16 @@ def synchronise(rec: ConfigRecord, state: RecordDict, predictor: Predictor) -> t
         parts.append((mask, entry_values(entry, mask, predictor)))
     g = aggregate(parts, weights, d)
     predictor.observe(g)
-    return w + hgc_step(g, float(rec["server-lr"]))
+    velocity = _load(state, HGC_STATE, "velocity")
+    velocity = momentum_step(g, velocity if velocity is not None else torch.zeros(d, dtype=torch.float64), float(rec["relay-momentum"]))
+    return w + hgc_step(velocity, float(rec["server-lr"])), velocity
 
 
 def hgc_round(rt: Runtime, msg: Message, state: RecordDict, partition_id: int, seed: int, training: dict) -> Message:
     rec = msg.content[HGC]
     predictor = Predictor(float(rec["beta"]), float(rec["eps"]))
     predictor.load_state({k: v for k in ("u", "v") if (v := _load(state, HGC_STATE, k)) is not None})
-    w = synchronise(rec, state, predictor)
+    w, velocity = synchronise(rec, state, predictor)
     d = w.numel()
 
     rt.layout.load(rt.model, w)
@@ -88,6 +92,6 @@ def hgc_round(rt: Runtime, msg: Message, state: RecordDict, partition_id: int, s
 
     state[M.REPLICA] = ArrayRecord({"w": w})
     state[M.REPLICA_VERSION] = ConfigRecord({M.VERSION: int(rec[M.VERSION])})
-    state[HGC_STATE] = ArrayRecord({"u": predictor.u, "v": predictor.v, "memory": memory, "mask": mask})
+    state[HGC_STATE] = ArrayRecord({"u": predictor.u, "v": predictor.v, "velocity": velocity, "memory": memory, "mask": mask})
     metrics = MetricRecord({"num-examples": len(indices), "train-loss": loss, "compute-s": compute_s, "partition-id": partition_id})
     return Message(RecordDict({M.UP: ConfigRecord({M.PAYLOAD: payload}), M.METRICS: metrics}), reply_to=msg)

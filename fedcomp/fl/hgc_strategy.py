@@ -36,7 +36,9 @@ from fedcomp.coding import encode_indices
 from fedcomp.compression.selectors import budget
 from fedcomp.fl import messages as M
 from fedcomp.fl.strategy import CompressedFedAvg
-from fedcomp.hgc.codec import aggregate, decode_uplink, encode_relay, encode_sync, entry_mask, entry_values, hgc_step
+from fedcomp.hgc.codec import (
+    aggregate, decode_uplink, encode_relay, encode_sync, entry_mask, entry_values, hgc_step, momentum_step,
+)
 from fedcomp.hgc.predictor import Predictor
 from fedcomp.hgc.schedule import lr_step_adjusted_ratio, warmup_ratio
 from fedcomp.metrics import ClientRound, RoundStats
@@ -50,7 +52,8 @@ class HGCStrategy(CompressedFedAvg):
     def __init__(
         self, *, ratio: float = 0.001, bits: int = 1, warmup_rounds: int = 0, warmup_start: float = 0.25,
         mask_policy: str = "rotating", predictive: bool = True, beta: float = 0.9, eps: float = 1e-8,
-        deflate: bool = False, lr_step_window: int = 0, lr_step_ratio_factor: float = 10.0, **kwargs,
+        deflate: bool = False, lr_step_window: int = 0, lr_step_ratio_factor: float = 10.0,
+        momentum: float = 0.0, momentum_after_lr_step: float | None = None, **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         if mask_policy not in MASK_POLICIES:
@@ -60,6 +63,9 @@ class HGCStrategy(CompressedFedAvg):
         self.warmup_rounds, self.warmup_start = warmup_rounds, warmup_start
         self.mask_policy, self.predictive, self.deflate = mask_policy, predictive, deflate
         self.lr_step_window, self.lr_step_ratio_factor = lr_step_window, lr_step_ratio_factor
+        self.momentum, self.momentum_after_lr_step = momentum, momentum_after_lr_step
+        self.velocity = torch.zeros(0, dtype=torch.float64)
+        self._relay_momentum = 0.0  # the momentum the pending relay's aggregate was applied with
         self.predictor = Predictor(beta, eps)
         self.beta, self.eps = beta, eps
         self._sizes: dict[int, int] = {}  # node -> training samples, learnt from replies
@@ -71,6 +77,18 @@ class HGCStrategy(CompressedFedAvg):
         r = warmup_ratio(server_round, self.ratio, self.warmup_rounds, self.warmup_start)
         return lr_step_adjusted_ratio(server_round, r, self.lr_schedule.step_rounds, self.lr_step_window, self.lr_step_ratio_factor)
 
+    def momentum_at(self, server_round: int) -> float:
+        """Sec. 3.2: after the denser window that follows a learning-rate step, the momentum
+        changes to ``momentum_after_lr_step`` (if set)."""
+        passed = any(server_round > s + self.lr_step_window for s in self.lr_schedule.step_rounds)
+        return self.momentum_after_lr_step if passed and self.momentum_after_lr_step is not None else self.momentum
+
+    def _sync_buffers(self) -> dict[str, torch.Tensor]:
+        buffers = {"u": self.predictor.u, "v": self.predictor.v} if self._version else {}
+        if self.velocity.abs().sum() > 0:
+            buffers["velocity"] = self.velocity
+        return buffers
+
     def _pick_owner(self, nodes: list[int], server_round: int) -> int:
         if self.mask_policy == "largest" and all(n in self._sizes for n in nodes):
             return max(nodes, key=lambda n: (self._sizes[n], -n))
@@ -78,11 +96,11 @@ class HGCStrategy(CompressedFedAvg):
 
     def _record(self, server_round: int, node_id: int, phase: str, k: int, mask: bytes | None) -> ConfigRecord:
         in_sync = self._pending is not None and self._synced.get(node_id) == self._version - 1
-        sync = self._pending if in_sync else encode_sync(self._global, self.predictor if self._version else None)
+        sync = self._pending if in_sync else encode_sync(self._global, self._sync_buffers())
         self._synced[node_id] = self._version
         rec = {
             "phase": phase, "k": k, "bits": self.bits, "predictive": self.predictive, "deflate": self.deflate,
-            "beta": self.beta, "eps": self.eps, "server-lr": self.server_lr,
+            "beta": self.beta, "eps": self.eps, "server-lr": self.server_lr, "relay-momentum": self._relay_momentum,
             M.KIND: M.DELTA if in_sync else M.FULL, M.PAYLOAD: sync, M.VERSION: self._version,
         }
         if mask is not None:
@@ -99,6 +117,7 @@ class HGCStrategy(CompressedFedAvg):
             self._layout = StateLayout.of(self._state)
             self._global = self._layout.flatten(self._state)
             self.predictor.reset(self._global.numel())
+            self.velocity = torch.zeros(self._global.numel(), dtype=torch.float64)
         config = self.round_config(config, server_round)
         nodes = self.sample(list(grid.get_node_ids()), server_round)
         k = budget(self._global.numel(), self.ratio_at(server_round), None)
@@ -149,7 +168,9 @@ class HGCStrategy(CompressedFedAvg):
             parts.append((mask, entry_values(entry, mask, self.predictor)))
         weights = np.asarray(sizes, dtype=np.float32) / np.float32(sum(sizes))
         g = aggregate(parts, weights, d)
-        self._global += hgc_step(g, self.server_lr)
+        self._relay_momentum = self.momentum_at(server_round)
+        self.velocity = momentum_step(g, self.velocity, self._relay_momentum)
+        self._global += hgc_step(self.velocity, self.server_lr)
         self.predictor.observe(g)
         self._pending = encode_relay(entries, weights.tolist(), d, self.deflate, keep_masks=self.mask_policy == "own")
         self._version += 1

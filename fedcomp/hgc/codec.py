@@ -144,29 +144,40 @@ def aggregate(parts: list[tuple[torch.Tensor, torch.Tensor]], weights: np.ndarra
     return g
 
 
-def encode_sync(w: torch.Tensor, predictor: Predictor | None) -> bytes:
-    """Full resynchronisation of a client that missed rounds: the model (fp32) and, once the
-    predictor has seen a gradient, its buffers (fp64, so they stay bit-identical).
-    Body: flag u8 (1: buffers follow) | w | [u | v]."""
-    body = bytearray([predictor is not None]) + w.float().numpy().astype("<f4").tobytes()
-    if predictor is not None:
-        body += predictor.u.numpy().astype("<f8").tobytes() + predictor.v.numpy().astype("<f8").tobytes()
+SYNC_BUFFERS = ("u", "v", "velocity")  # fp64 buffers a sync may carry, in this order
+
+
+def encode_sync(w: torch.Tensor, buffers: dict[str, torch.Tensor]) -> bytes:
+    """Full resynchronisation of a client that missed rounds: the model (fp32) and whichever
+    of the predictor buffers u, v and the server-momentum velocity are non-trivial (fp64, so
+    they stay bit-identical). Body: flags u8 (bit i: SYNC_BUFFERS[i] follows) | w | buffers."""
+    flags = sum(1 << i for i, name in enumerate(SYNC_BUFFERS) if name in buffers)
+    body = bytearray([flags]) + w.float().numpy().astype("<f4").tobytes()
+    for name in SYNC_BUFFERS:
+        if name in buffers:
+            body += buffers[name].double().numpy().astype("<f8").tobytes()
     return pack_frame("hgc.sync", torch.float32, (w.numel(),), bytes(body))
 
 
 def decode_sync(payload: bytes) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(w, predictor buffers); the buffers are zeros when the sync carries none."""
+    """(w, buffers); buffers the sync does not carry come back as zeros."""
     frame = unpack_frame(payload, expect="hgc.sync")
     d, body = frame.numel, frame.body
-    has_buffers = body[:1] == b"\x01"
-    if len(body) != 1 + (20 if has_buffers else 4) * d or body[:1] not in (b"\x00", b"\x01"):
+    if not body or body[0] >= 1 << len(SYNC_BUFFERS):
+        raise PayloadError("bad HGC sync flags")
+    present = [name for i, name in enumerate(SYNC_BUFFERS) if body[0] >> i & 1]
+    if len(body) != 1 + 4 * d + 8 * d * len(present):
         raise PayloadError(f"HGC sync body of {len(body)} bytes does not fit d={d}")
     w = torch.from_numpy(np.frombuffer(body, "<f4", d, 1).astype(np.float32))
-    if not has_buffers:
-        return w, {"u": torch.zeros(d, dtype=torch.float64), "v": torch.zeros(d, dtype=torch.float64)}
-    u = torch.from_numpy(np.frombuffer(body, "<f8", d, 1 + 4 * d).astype(np.float64))
-    v = torch.from_numpy(np.frombuffer(body, "<f8", d, 1 + 12 * d).astype(np.float64))
-    return w, {"u": u, "v": v}
+    buffers = {name: torch.zeros(d, dtype=torch.float64) for name in SYNC_BUFFERS}
+    for i, name in enumerate(present):
+        buffers[name] = torch.from_numpy(np.frombuffer(body, "<f8", d, 1 + 4 * d + 8 * d * i).astype(np.float64))
+    return w, buffers
+
+
+def momentum_step(g: torch.Tensor, velocity: torch.Tensor, momentum: float) -> torch.Tensor:
+    """Server momentum on the aggregate, mirrored by the clients: v <- m v + g (float64)."""
+    return momentum * velocity + g if momentum else g
 
 
 def hgc_step(g: torch.Tensor, server_lr: float) -> torch.Tensor:
