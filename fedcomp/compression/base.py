@@ -40,6 +40,10 @@ class Compressor(ABC):
     def set_round(self, server_round: int) -> None:
         """Tell a scheduled compressor (warm-up) which round it compresses for."""
 
+    def set_ratio(self, ratio: float) -> None:
+        """Use this sparsification ratio from now on (ratio controllers)."""
+        raise ValueError(f"compressor {self.name!r} has no sparsification ratio to control")
+
 
 def check_finite(x: torch.Tensor) -> None:
     """Refuse NaN/Inf: they would poison the aggregate silently on the other side."""

@@ -27,6 +27,7 @@ class _DGCSelector:
         budget(1, ratio, None)
         self.ratio, self.momentum, self.clip_norm, self.warmup_rounds = ratio, momentum, clip_norm, warmup_rounds
         self.round = 1
+        self.k = None  # DGC budgets by ratio only
         self.u = torch.zeros(0)
         self.v = torch.zeros(0)
 

@@ -43,3 +43,6 @@ class ErrorFeedback(Compressor):
 
     def set_round(self, server_round: int) -> None:
         self.inner.set_round(server_round)
+
+    def set_ratio(self, ratio: float) -> None:
+        self.inner.set_ratio(ratio)

@@ -14,7 +14,7 @@ from fedcomp.coding import decode_indices, encode_indices
 from fedcomp.compression.base import Compressor, check_finite
 from fedcomp.compression.quantizers import QSGD, Float32Values, ScaledSign, TernGrad
 from fedcomp.compression.registry import register
-from fedcomp.compression.selectors import Dense, RandomK, Stochastic, Threshold, TopK
+from fedcomp.compression.selectors import Dense, RandomK, Stochastic, Threshold, TopK, budget
 from fedcomp.wire import PayloadError, pack_frame, unpack_frame
 
 _SPARSE = 1
@@ -31,6 +31,12 @@ class Recipe(Compressor):
 
     def reseed(self, seed: int) -> None:
         self.generator.manual_seed(seed)
+
+    def set_ratio(self, ratio: float) -> None:
+        if not hasattr(self.selector, "ratio"):
+            super().set_ratio(ratio)
+        budget(1, ratio, None)
+        self.selector.ratio, self.selector.k = ratio, None
 
     def compress(self, x: torch.Tensor) -> bytes:
         check_finite(x)

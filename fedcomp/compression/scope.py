@@ -77,3 +77,7 @@ class Layerwise(Compressor):
     def set_round(self, server_round: int) -> None:
         for p in self.parts:
             p.set_round(server_round)
+
+    def set_ratio(self, ratio: float) -> None:
+        for p in self.parts:
+            p.set_ratio(ratio)

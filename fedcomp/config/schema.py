@@ -81,6 +81,7 @@ class ExperimentConfig:
     strategy: Any = MISSING
     compressor: Any = MISSING
     network: Any = MISSING
+    controller: Any = MISSING
     num_rounds: int = 5
     seed: int = 0
     eval_every: int = 1

@@ -43,12 +43,16 @@ def receive_model(rt: Runtime, down: ConfigRecord, state: RecordDict) -> torch.T
     return replica
 
 
-def compress_update(rt: Runtime, update: torch.Tensor, state: RecordDict, seed: int, server_round: int) -> bytes:
+def compress_update(
+    rt: Runtime, update: torch.Tensor, state: RecordDict, seed: int, server_round: int, ratio: float | None,
+) -> bytes:
     """Uplink compression with this client's own compressor state (error feedback, ...)."""
     up = rt.compressor("up")
     up.load_state(state[M.UP_STATE].to_torch_state_dict() if M.UP_STATE in state else {})
     up.reseed(seed)
     up.set_round(server_round)
+    if ratio is not None:
+        up.set_ratio(ratio)
     payload = up.compress(update)
     kept = up.state()
     if kept:
@@ -76,7 +80,8 @@ def train_on_client(cfg: DictConfig, msg: Message, context: Context) -> Message:
     loss = train_local(rt.model, rt.train.x, rt.train.y, indices, generator=generator, **round_training(rt, config))
     compute_s = time.perf_counter() - start
     update = rt.layout.flatten(rt.model) - received
-    payload = compress_update(rt, update, context.state, seed, int(config["server-round"]))
+    ratio = float(config["ratio"]) if "ratio" in config else None
+    payload = compress_update(rt, update, context.state, seed, int(config["server-round"]), ratio)
     metrics = MetricRecord({
         "num-examples": len(indices), "train-loss": loss, "compute-s": compute_s, "partition-id": partition_id,
     })
@@ -95,6 +100,12 @@ def make_client_app(cfg: DictConfig | None = None) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         run_cfg = cfg if cfg is not None else config_from_overrides(str(context.run_config.get("overrides", "")))
         return train_on_client(run_cfg, msg, context)
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        """Which partition this node trains on (ratio controllers need it)."""
+        metrics = MetricRecord({"partition-id": int(context.node_config["partition-id"])})
+        return Message(RecordDict({M.METRICS: metrics}), reply_to=msg)
 
     return app
 

@@ -73,8 +73,9 @@ class HGCStrategy(CompressedFedAvg):
         self._owner: int | None = None
         self._mask_blob: bytes | None = None
 
-    def ratio_at(self, server_round: int) -> float:
-        r = warmup_ratio(server_round, self.ratio, self.warmup_rounds, self.warmup_start)
+    def ratio_at(self, server_round: int, target: float | None = None) -> float:
+        """The round's k/d: warm-up towards ``target`` (default ``ratio``), then the LR-step window."""
+        r = warmup_ratio(server_round, self.ratio if target is None else target, self.warmup_rounds, self.warmup_start)
         return lr_step_adjusted_ratio(server_round, r, self.lr_schedule.step_rounds, self.lr_step_window, self.lr_step_ratio_factor)
 
     def momentum_at(self, server_round: int) -> float:
@@ -120,7 +121,12 @@ class HGCStrategy(CompressedFedAvg):
             self.velocity = torch.zeros(self._global.numel(), dtype=torch.float64)
         config = self.round_config(config, server_round)
         nodes = self.sample(list(grid.get_node_ids()), server_round)
-        k = budget(self._global.numel(), self.ratio_at(server_round), None)
+        # One shared mask serves every client, so per-client ratios from a controller cannot
+        # apply one by one: the mask gets the mean of the sampled clients' ratios.
+        ratios = self.client_ratios(nodes, server_round, grid)
+        target = float(np.mean(list(ratios.values()))) if ratios else None
+        k = budget(self._global.numel(), self.ratio_at(server_round, target), None)
+        self._ratios = {n: k / self._global.numel() for n in nodes}
         self._owner_reply, self._owner, self._mask_blob = None, None, None
         if self.mask_policy == "own":
             return [self._message(n, self._record(server_round, n, "own", k, None), config) for n in nodes]
@@ -160,6 +166,7 @@ class HGCStrategy(CompressedFedAvg):
             stats.clients.append(ClientRound(
                 partition_id=int(metrics["partition-id"]), bytes_up=len(payload), bytes_down=self._down_bytes[node],
                 num_examples=sizes[-1], train_loss=float(metrics["train-loss"]), compute_s=float(metrics["compute-s"]),
+                ratio=self._ratios.get(node),
             ))
         if not entries:
             raise RuntimeError(f"round {server_round}: no client replied")
@@ -168,6 +175,7 @@ class HGCStrategy(CompressedFedAvg):
             parts.append((mask, entry_values(entry, mask, self.predictor)))
         weights = np.asarray(sizes, dtype=np.float32) / np.float32(sum(sizes))
         g = aggregate(parts, weights, d)
+        self.history.update_norms.append(float(g.norm()))
         self._relay_momentum = self.momentum_at(server_round)
         self.velocity = momentum_step(g, self.velocity, self._relay_momentum)
         self._global += hgc_step(self.velocity, self.server_lr)

@@ -40,6 +40,8 @@ def build_strategy(cfg: DictConfig, rt: Runtime) -> Strategy:
         seed=cfg.seed,
         downlink=cfg.compressor.downlink,
         lr_schedule=LRSchedule.from_config(cfg.train, cfg.num_rounds),
+        controller=instantiate(cfg.controller) if cfg.controller.get("_target_") else None,
+        weights=rt.partition.weights,
     )
 
 

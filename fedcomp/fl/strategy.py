@@ -29,6 +29,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedcomp.allocation.controllers import History, RatioController
 from fedcomp.compression import Compressor, build
 from fedcomp.fl import messages as M
 from fedcomp.fl.lr_schedule import LRSchedule
@@ -44,6 +45,7 @@ class CompressedFedAvg(Strategy):
     def __init__(
         self, *, up: Compressor, down: Compressor, network: NetworkModel, fraction: float = 1.0,
         seed: int = 0, server_lr: float = 1.0, downlink: str = "model", lr_schedule: LRSchedule | None = None,
+        controller: RatioController | None = None, weights: np.ndarray | None = None,
     ) -> None:
         if downlink not in DOWNLINK_MODES:
             raise ValueError(f"downlink must be 'model' or 'update', got {downlink!r}")
@@ -55,6 +57,10 @@ class CompressedFedAvg(Strategy):
         self.seed = seed
         self.server_lr = server_lr
         self.lr_schedule = lr_schedule or LRSchedule(base=float("nan"))
+        self.controller = controller
+        self.history = History(weights=np.asarray(weights if weights is not None else []))
+        self._partition_of: dict[int, int] = {}  # node -> partition id
+        self._ratios: dict[int, float] = {}  # node -> this round's ratio
         self.rounds: dict[int, RoundStats] = {}
         self._layout: StateLayout | None = None
         self._state: dict[str, torch.Tensor] = {}
@@ -81,6 +87,20 @@ class CompressedFedAvg(Strategy):
         Override for server optimisers (momentum, Adam, ...)."""
         return self.server_lr * update
 
+    def client_ratios(self, nodes: list[int], server_round: int, grid: Grid) -> dict[int, float]:
+        """This round's controller ratios by node ({} without a controller). The first call
+        asks every node for its partition id (a QUERY exchange of a few bytes, not counted as
+        payload), since controllers reason about partitions, Flower about nodes."""
+        if self.controller is None:
+            return {}
+        if any(n not in self._partition_of for n in nodes):
+            queries = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in grid.get_node_ids()]
+            for reply in grid.send_and_receive(queries):
+                self._partition_of[reply.metadata.src_node_id] = int(reply.content[M.METRICS]["partition-id"])
+        by_partition = self.controller.ratios(server_round, [self._partition_of[n] for n in nodes], self.history)
+        self._ratios = {n: float(by_partition[self._partition_of[n]]) for n in nodes}
+        return self._ratios
+
     def round_config(self, config: ConfigRecord, server_round: int) -> ConfigRecord:
         """What every client is told this round: the round and its local learning rate."""
         return ConfigRecord({**config, "server-round": server_round, "lr": self.lr_schedule.lr(server_round)})
@@ -94,10 +114,12 @@ class CompressedFedAvg(Strategy):
         self._global = self._layout.flatten(self._state)
         config = self.round_config(config, server_round)
         nodes = self.sample(list(grid.get_node_ids()), server_round)
+        ratios = self.client_ratios(nodes, server_round, grid)
         messages = []
         for node_id, down in zip(nodes, self._downlink_records(nodes)):
             self._down_bytes[node_id] = len(down[M.PAYLOAD])
-            content = RecordDict({M.DOWN: down, M.CONFIG: config})
+            node_config = ConfigRecord({**config, "ratio": ratios[node_id]}) if node_id in ratios else config
+            content = RecordDict({M.DOWN: down, M.CONFIG: node_config})
             messages.append(Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN))
         return messages
 
@@ -136,11 +158,13 @@ class CompressedFedAvg(Strategy):
                 num_examples=n,
                 train_loss=float(metrics["train-loss"]),
                 compute_s=float(metrics["compute-s"]),
+                ratio=self._ratios.get(reply.metadata.src_node_id),
             ))
         if not stats.clients:
             raise RuntimeError(f"round {server_round}: no client replied")
         num_examples = sum(c.num_examples for c in stats.clients)
         step = self.apply_update(total / num_examples)
+        self.history.update_norms.append(float(step.norm()))
         if self.downlink == "model":
             self._global += step
         else:

@@ -15,6 +15,7 @@ class ClientRound:
     num_examples: int
     train_loss: float
     compute_s: float
+    ratio: float | None = None  # the sparsification ratio a controller gave this client
 
 
 @dataclass
