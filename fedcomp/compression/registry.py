@@ -50,4 +50,4 @@ def build(
 
 def _load_builtins() -> None:
     # Imported for their @register side effect; lazily, so the registry has no import cycle.
-    from fedcomp.compression import adacomp, cast, dgc, recipes  # noqa: F401
+    from fedcomp.compression import adacomp, cast, cat, dgc, recipes  # noqa: F401

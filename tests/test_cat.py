@@ -1,0 +1,68 @@
+import numpy as np
+import pytest
+import torch
+
+from fedcomp.compression import build
+from fedcomp.compression.cat import CostModel, _omega, best_budget
+
+
+def brute_force(g, kind, cost):
+    d = g.numel()
+    a = torch.sort(g.abs().double(), descending=True).values
+    norm2 = float((a * a).sum())
+    t = torch.arange(1, d + 1)
+    if kind == "sparsification":
+        imp = torch.cumsum(a**2, 0) / norm2
+    else:
+        imp = torch.cumsum(a, 0) ** 2 / (t * norm2)
+    eff = imp / cost(t)
+    if cost.cost == "packet":  # Proposition 1: the maximum sits on a multiple of tau_max
+        eff = torch.where(t % cost.tau_max == 0, eff, torch.tensor(-1.0, dtype=eff.dtype))
+    return int(torch.argmax(eff)) + 1, float(eff.max())
+
+
+@pytest.mark.parametrize("kind", ["sparsification", "sq"])
+@pytest.mark.parametrize("model", [("affine", 1.0, 64 * 8), ("packet", 128 * 8, 64 * 8), ("affine", 1e-7, 0.02)])
+@pytest.mark.parametrize("seed", range(4))
+def test_search_finds_the_brute_force_optimum(kind, model, seed):
+    g = torch.randn(3000, generator=torch.Generator().manual_seed(seed)) * torch.exp(2 * torch.randn(3000, generator=torch.Generator().manual_seed(seed + 99)))
+    cost_kind, c1, c0 = model
+    cost = CostModel(kind, 32, g.numel(), cost_kind, c0, c1, 128 * 8)
+    t = best_budget(g, kind, cost)
+    t_star, eff_star = brute_force(g, kind, cost)
+    a = torch.sort(g.abs().double(), descending=True).values
+    norm2 = float((a * a).sum())
+    imp = (torch.cumsum(a**2, 0)[t - 1] / norm2) if kind == "sparsification" else torch.cumsum(a, 0)[t - 1] ** 2 / (t * norm2)
+    assert float(imp / cost(torch.tensor(t))) == pytest.approx(eff_star, rel=1e-6)
+
+
+def test_payload_model_sparsification_picks_one():
+    g = torch.randn(500)
+    assert best_budget(g, "sparsification", CostModel("sparsification", 32, 500, "payload", 0, 1, 1024)) == 1  # Proposition 2
+
+
+def test_stochastic_search_against_brute_force_on_small_vectors():
+    for seed in range(3):
+        g = torch.randn(120, generator=torch.Generator().manual_seed(seed)) ** 3
+        cost = CostModel("stochastic", 32, 120, "affine", 500.0, 1.0, 1024)
+        norm2 = float((g.double() ** 2).sum())
+        t = best_budget(g, "stochastic", cost)
+        effs = [_omega(g, s, norm2) / float(cost(torch.tensor(float(s)))) for s in range(1, 121)]
+        assert _omega(g, t, norm2) / float(cost(torch.tensor(float(t)))) >= max(effs) * (1 - 1e-9)
+
+
+def test_cat_compressors_round_trip_and_recompute_every():
+    g = torch.randn(2000) * torch.exp(torch.randn(2000))
+    for kind in ("sparsification", "sq", "stochastic"):
+        c = build("cat", kind=kind, cost="packet", uplink_mbps=10, latency_ms=20)
+        y = c.decompress(c.compress(g))
+        assert y.shape == g.shape and 0 < int((y != 0).sum()) <= 2000
+    sq = build("cat", kind="sq", cost="affine", c0=512, c1=1)
+    y = sq.decompress(sq.compress(g))
+    kept = y != 0
+    assert torch.allclose(y[kept].abs(), g[kept].abs().mean().expand(int(kept.sum())), rtol=1e-5)  # mean top-T magnitude
+    slow = build("cat", kind="sparsification", cost="affine", c0=512, c1=1, recompute_every=3)
+    slow.compress(g)
+    t0 = slow.selector.t
+    slow.compress(g * torch.exp(torch.randn(2000)))
+    assert slow.selector.t == t0
