@@ -109,3 +109,12 @@ def test_too_many_clients_is_an_error():
         iid(labels(5), 6, 0)
     with pytest.raises(ValueError, match="alpha"):
         dirichlet(labels(50), 2, 0.0, 0)
+
+
+def test_explicit_fractions():
+    from fedcomp.partition import explicit
+
+    y = labels(22000)
+    parts = explicit(y, [0.5] + [0.05] * 10, seed=0)
+    assert_exact_cover(parts, 22000)
+    assert [len(p) for p in parts] == [11000] + [1100] * 10

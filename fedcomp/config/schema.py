@@ -159,7 +159,18 @@ class ShardsPartition:
         _require(self.shards_per_client >= 1, "partition.shards_per_client", "must be >= 1", self.shards_per_client)
 
 
+@dataclass
+class ExplicitPartition:
+    name: str = "explicit"
+    fractions: list[float] = field(default_factory=lambda: [0.5] + [0.05] * 10)
+    min_samples: int = 1
+
+    def __post_init__(self) -> None:
+        _require(bool(self.fractions) and min(self.fractions) > 0, "partition.fractions", "must be positive fractions", self.fractions)
+
+
 PARTITIONS = {
+    "explicit": ExplicitPartition,
     "iid": IidPartition,
     "dirichlet": DirichletPartition,
     "volume_skew": VolumeSkewPartition,

@@ -3,6 +3,7 @@
 from fedcomp.partition.partitioners import (
     Partition,
     dirichlet,
+    explicit,
     iid,
     make_partition,
     shards,
@@ -10,4 +11,4 @@ from fedcomp.partition.partitioners import (
     volume_skew_weights,
 )
 
-__all__ = ["Partition", "dirichlet", "iid", "make_partition", "shards", "volume_skew", "volume_skew_weights"]
+__all__ = ["Partition", "dirichlet", "explicit", "iid", "make_partition", "shards", "volume_skew", "volume_skew_weights"]

@@ -113,12 +113,15 @@ def volume_skew_weights(num_clients: int, skew_ratio: float, seed: int, noise_al
 
 def _counts_from_weights(weights: np.ndarray, total: int, min_samples: int) -> np.ndarray:
     """Integer sizes summing to ``total``, proportional to ``weights`` (largest remainder),
-    each at least ``min_samples``."""
-    raw = weights * (total - min_samples * len(weights))
+    then raised to ``min_samples`` with samples from the largest client."""
+    raw = weights * total
     counts = np.floor(raw).astype(np.int64)
-    short = total - min_samples * len(weights) - counts.sum()
-    counts[np.argsort(-(raw - counts), kind="stable")[:short]] += 1
-    return counts + min_samples
+    counts[np.argsort(-(raw - counts), kind="stable")[: total - counts.sum()]] += 1
+    for i in np.flatnonzero(counts < min_samples):
+        need = min_samples - counts[i]
+        counts[np.argmax(counts)] -= need
+        counts[i] += need
+    return counts
 
 
 def volume_skew(
@@ -155,6 +158,18 @@ def volume_skew(
     return parts
 
 
+def explicit(labels: np.ndarray, fractions: list[float], seed: int, min_samples: int = 1) -> list[np.ndarray]:
+    """Clients with given data fractions (normalised), IID labels; e.g. DAGC Sec. III's one
+    worker with 50% and ten with 5%."""
+    w = np.asarray(fractions, dtype=np.float64)
+    if w.size == 0 or np.any(w <= 0):
+        raise ValueError("fractions must be positive")
+    _check(len(labels), len(w), min_samples)
+    sizes = _counts_from_weights(w / w.sum(), len(labels), min_samples)
+    perm = np.random.default_rng(seed).permutation(len(labels))
+    return [np.sort(p) for p in np.split(perm, np.cumsum(sizes)[:-1])]
+
+
 def shards(labels: np.ndarray, num_clients: int, shards_per_client: int, seed: int) -> list[np.ndarray]:
     """McMahan et al. 2017 pathological split: sort by label, cut into equal shards, deal
     ``shards_per_client`` random shards to each client (leftover samples go to the last shard)."""
@@ -179,6 +194,10 @@ def make_partition(cfg, labels: np.ndarray, num_classes: int, num_clients: int, 
         parts = volume_skew(labels, num_clients, cfg.skew_ratio, seed, cfg.label_alpha, cfg.min_samples)
     elif name == "shards":
         parts = shards(labels, num_clients, cfg.shards_per_client, seed)
+    elif name == "explicit":
+        if len(cfg.fractions) != num_clients:
+            raise ValueError(f"partition.fractions has {len(cfg.fractions)} entries for {num_clients} clients")
+        parts = explicit(labels, list(cfg.fractions), seed, cfg.min_samples)
     else:
         raise ValueError(f"unknown partition {name!r}")
     return Partition(parts, num_classes, np.asarray(labels))

@@ -1,0 +1,36 @@
+"""Run a `fedcomp` experiment into a directory once, and read runs back (for experiment scripts)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def load_run(out_dir: Path) -> dict[str, Any]:
+    """summary.json plus the per-round records as ``rows``."""
+    summary = json.loads((out_dir / "summary.json").read_text())
+    summary["rows"] = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return summary
+
+
+def run_once(out_dir: Path, overrides: list[str], label: str = "") -> dict[str, Any]:
+    """Run ``fedcomp <overrides>`` into ``out_dir`` unless it already holds a finished run."""
+    if not (out_dir / "summary.json").is_file():
+        print(f"running {label or out_dir.name}", flush=True)
+        cmd = [sys.executable, "-m", "fedcomp", *overrides, "progress=false", f"hydra.run.dir={out_dir}"]
+        subprocess.run(cmd, check=True)
+    return load_run(out_dir)
+
+
+def first_round(rows: list[dict[str, Any]], key: str, reached) -> dict[str, Any] | None:
+    """The first evaluated round whose ``key`` satisfies ``reached``, with the bytes moved up to it."""
+    up = down = 0
+    for r in rows:
+        up += r["bytes_up"]
+        down += r["bytes_down"]
+        if r.get(key) is not None and reached(r[key]):
+            return {"round": r["round"], "bytes_up": up, "bytes_down": down}
+    return None
