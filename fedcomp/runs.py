@@ -34,3 +34,11 @@ def first_round(rows: list[dict[str, Any]], key: str, reached) -> dict[str, Any]
         if r.get(key) is not None and reached(r[key]):
             return {"round": r["round"], "bytes_up": up, "bytes_down": down}
     return None
+
+
+def write_results(results_dir: Path, lines: list[str], summary: dict[str, Any], table: str = "table.md") -> None:
+    """Write an experiment's Markdown table and JSON summary, and print the table."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / table).write_text("\n".join(lines) + "\n")
+    (results_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print("\n".join(lines))

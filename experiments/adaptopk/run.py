@@ -11,10 +11,9 @@ alpha and beta). The budgets are compared from the bytes actually sent.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from fedcomp.runs import run_once
+from fedcomp.runs import run_once, write_results
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNS = ROOT / "outputs" / "adaptopk"
@@ -40,10 +39,7 @@ def main() -> None:
                 loss = [r["loss"] for r in s["rows"] if r["loss"] is not None][-1]
                 out[name] = {"final_accuracy": s["final_accuracy"], "best_accuracy": s["best_accuracy"], "final_loss": loss, "bytes_up": s["total_bytes_up"]}
                 lines.append(f"| {dk} | {'yes' if ef else 'no'} | {method} | {s['final_accuracy']:.4f} | {s['best_accuracy']:.4f} | {loss:.4f} | {s['total_bytes_up'] / 1e6:.3f} |")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "table.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / "summary.json").write_text(json.dumps(out, indent=2))
-    print("\n".join(lines))
+    write_results(RESULTS, lines, out)
 
 
 if __name__ == "__main__":

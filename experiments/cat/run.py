@@ -13,11 +13,10 @@ until the test loss first reaches the target.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
-from fedcomp.runs import first_round, run_once
+from fedcomp.runs import first_round, run_once, write_results
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNS = ROOT / "outputs" / "cat"
@@ -63,10 +62,7 @@ def main() -> None:
             pk = None
             lines.append(f"| {name} | not reached | - | - | {final_loss:.4f} | {s['final_accuracy']:.4f} |")
         out[name] = {"to_target": hit, "packet_bits_to_target": pk, "final_loss": final_loss, "final_accuracy": s["final_accuracy"]}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "table.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / "summary.json").write_text(json.dumps(out, indent=2))
-    print("\n".join(lines))
+    write_results(RESULTS, lines, out)
 
 
 if __name__ == "__main__":

@@ -14,10 +14,9 @@ rounds (= iterations) to reach 80% test accuracy and the uplink bytes spent unti
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from fedcomp.runs import first_round, run_once
+from fedcomp.runs import first_round, run_once, write_results
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNS = ROOT / "outputs" / "dagc_motivation"
@@ -50,10 +49,7 @@ def main() -> None:
         out[name] = {"to_80": hit, "final_accuracy": s["final_accuracy"], "best_accuracy": s["best_accuracy"], "total_bytes_up": s["total_bytes_up"]}
         lines.append(f"| {name} | {hit['round'] if hit else 'not reached'} | {hit['bytes_up'] / 1e6:.3f} |" if hit else f"| {name} | not reached | - |")
         lines[-1] += f" {s['final_accuracy']:.4f} | {s['best_accuracy']:.4f} | {s['total_bytes_up'] / 1e6:.3f} |"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "table.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / "summary.json").write_text(json.dumps(out, indent=2))
-    print("\n".join(lines))
+    write_results(RESULTS, lines, out)
 
 
 if __name__ == "__main__":
