@@ -41,7 +41,7 @@ from fedcomp.hgc.codec import (
 )
 from fedcomp.hgc.predictor import Predictor
 from fedcomp.hgc.schedule import lr_step_adjusted_ratio, warmup_ratio
-from fedcomp.metrics import ClientRound, RoundStats
+from fedcomp.metrics import RoundStats
 from fedcomp.models import StateLayout
 
 HGC = "fedcomp.hgc"
@@ -95,7 +95,7 @@ class HGCStrategy(CompressedFedAvg):
             return max(nodes, key=lambda n: (self._sizes[n], -n))
         return nodes[(server_round - 1) % len(nodes)]
 
-    def _record(self, server_round: int, node_id: int, phase: str, k: int, mask: bytes | None) -> ConfigRecord:
+    def _record(self, node_id: int, phase: str, k: int, mask: bytes | None) -> ConfigRecord:
         in_sync = self._pending is not None and self._synced.get(node_id) == self._version - 1
         sync = self._pending if in_sync else encode_sync(self._global, self._sync_buffers())
         self._synced[node_id] = self._version
@@ -129,17 +129,17 @@ class HGCStrategy(CompressedFedAvg):
         self._ratios = {n: k / self._global.numel() for n in nodes}
         self._owner_reply, self._owner, self._mask_blob = None, None, None
         if self.mask_policy == "own":
-            return [self._message(n, self._record(server_round, n, "own", k, None), config) for n in nodes]
+            return [self._message(n, self._record(n, "own", k, None), config) for n in nodes]
         self._owner = self._pick_owner(nodes, server_round)
         # Phase 1: the owner computes the mask; its reply also carries its own payload.
-        owner_msg = self._message(self._owner, self._record(server_round, self._owner, "owner", k, None), config)
+        owner_msg = self._message(self._owner, self._record(self._owner, "owner", k, None), config)
         (self._owner_reply,) = grid.send_and_receive([owner_msg])
         if self._owner_reply.has_error():
             raise RuntimeError(f"mask owner {self._owner} failed: {self._owner_reply.error.reason}")
         entry, _ = decode_uplink(self._owner_reply.content[M.UP][M.PAYLOAD])
         self._mask_blob = entry.mask_blob
         # Phase 2: everyone else, with the mask relayed.
-        return [self._message(n, self._record(server_round, n, "member", k, self._mask_blob), config)
+        return [self._message(n, self._record(n, "member", k, self._mask_blob), config)
                 for n in nodes if n != self._owner]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -159,15 +159,9 @@ class HGCStrategy(CompressedFedAvg):
             if entry.mask_blob is not None and self.mask_policy != "own":
                 shared = entry_mask(entry, None, d)
             entries.append(entry)
-            metrics = reply.content[M.METRICS]
-            node = reply.metadata.src_node_id
-            self._sizes[node] = int(metrics["num-examples"])
-            sizes.append(int(metrics["num-examples"]))
-            stats.clients.append(ClientRound(
-                partition_id=int(metrics["partition-id"]), bytes_up=len(payload), bytes_down=self._down_bytes[node],
-                num_examples=sizes[-1], train_loss=float(metrics["train-loss"]), compute_s=float(metrics["compute-s"]),
-                ratio=self._ratios.get(node),
-            ))
+            stats.clients.append(self.client_round(reply, len(payload)))
+            sizes.append(stats.clients[-1].num_examples)
+            self._sizes[reply.metadata.src_node_id] = sizes[-1]
         if not entries:
             raise RuntimeError(f"round {server_round}: no client replied")
         for entry in entries:

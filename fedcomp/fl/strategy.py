@@ -139,6 +139,20 @@ class CompressedFedAvg(Strategy):
             self._synced[node_id] = self._version
         return records
 
+    def client_round(self, reply: Message, bytes_up: int) -> ClientRound:
+        """One client's record of the round, from its reply and the bytes it moved."""
+        metrics = reply.content[M.METRICS]
+        node = reply.metadata.src_node_id
+        return ClientRound(
+            partition_id=int(metrics["partition-id"]),
+            bytes_up=bytes_up,
+            bytes_down=self._down_bytes[node],
+            num_examples=int(metrics["num-examples"]),
+            train_loss=float(metrics["train-loss"]),
+            compute_s=float(metrics["compute-s"]),
+            ratio=self._ratios.get(node),
+        )
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -148,18 +162,8 @@ class CompressedFedAvg(Strategy):
             if reply.has_error():
                 raise RuntimeError(f"client on node {reply.metadata.src_node_id} failed: {reply.error.reason}")
             payload = reply.content[M.UP][M.PAYLOAD]
-            metrics = reply.content[M.METRICS]
-            n = int(metrics["num-examples"])
-            total += n * self.up.decompress(payload)
-            stats.clients.append(ClientRound(
-                partition_id=int(metrics["partition-id"]),
-                bytes_up=len(payload),
-                bytes_down=self._down_bytes[reply.metadata.src_node_id],
-                num_examples=n,
-                train_loss=float(metrics["train-loss"]),
-                compute_s=float(metrics["compute-s"]),
-                ratio=self._ratios.get(reply.metadata.src_node_id),
-            ))
+            stats.clients.append(self.client_round(reply, len(payload)))
+            total += stats.clients[-1].num_examples * self.up.decompress(payload)
         if not stats.clients:
             raise RuntimeError(f"round {server_round}: no client replied")
         num_examples = sum(c.num_examples for c in stats.clients)
