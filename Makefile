@@ -38,6 +38,7 @@ test-slow: setup data
 
 bench: setup data
 	$(VENV)/bin/python benchmarks/overhead.py
+	$(VENV)/bin/python benchmarks/codecs.py
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -38,20 +38,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=300)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--skews", type=float, nargs="+", default=[10.0, 100.0, 1000.0])
+    ap.add_argument("--steps", type=int, default=1, help="local SGD steps per round")
     args = ap.parse_args()
-    lines = [f"# DAGC Table II style on FashionMNIST / cnn4 ({args.rounds} rounds, seeds {args.seeds})", "",
-             "Regenerate: `.venv/bin/python experiments/dagc_table2/run.py`", "",
+    lines = [f"# DAGC Table II style on FashionMNIST / cnn4 ({args.rounds} rounds x {args.steps} local steps, seeds {args.seeds})", "",
+             f"Regenerate: `.venv/bin/python experiments/dagc_table2/run.py --rounds {args.rounds} --steps {args.steps}`", "",
              "| skew ratio | mean ratio | method | accuracy mean | accuracy std |", "|---|---|---|---|---|"]
     out = {}
-    for skew in (10.0, 100.0, 1000.0):
+    for skew in args.skews:
         for mean in (0.1, 0.01, 0.001):
             accs: dict[str, list[float]] = {}
             for seed in args.seeds:
                 for name, ov in methods(skew, mean, seed).items():
                     base = ["dataset=fmnist", "model=cnn4", "simulation.num_clients=10", "partition=volume_skew",
                             f"partition.skew_ratio={skew}", "partition.label_alpha=0.5", "compressor=topk",
-                            f"num_rounds={args.rounds}", "train.steps=1", f"eval_every={args.rounds}", f"seed={seed}"]
-                    run = RUNS / f"sr{skew:g}_d{mean:g}_s{seed}_{name.replace(' ', '_').replace('(', '').replace(')', '')}"
+                            f"num_rounds={args.rounds}", f"train.steps={args.steps}", f"eval_every={args.rounds}", f"seed={seed}"]
+                    run = RUNS / f"r{args.rounds}x{args.steps}_sr{skew:g}_d{mean:g}_s{seed}_{name.replace(' ', '_').replace('(', '').replace(')', '')}"
                     accs.setdefault(name, []).append(run_once(run, base + ov, run.name)["final_accuracy"])
             for name, a in accs.items():
                 out[f"sr{skew:g}/d{mean:g}/{name}"] = a
