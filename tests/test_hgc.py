@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from flwr.app import ArrayRecord
 from flwr.supercore.task_identity import TaskIdentity
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -16,7 +17,6 @@ from fedcomp.hgc.codec import Entry, decode_uplink, encode_uplink, entry_mask, e
 from fedcomp.hgc.predictor import Predictor, xor_residue
 from fedcomp.hgc.quantizer import dequantize_levels, quantize_levels
 from fedcomp.hgc.schedule import lr_step_adjusted_ratio, warmup_ratio
-from flwr.app import ArrayRecord
 
 
 @settings(max_examples=100, deadline=None)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
@@ -18,7 +17,15 @@ from fedcomp.fl import messages as M
 from fedcomp.fl.local import train_local
 from fedcomp.fl.runtime import Runtime
 from fedcomp.hgc.codec import (
-    Entry, aggregate, decode_relay, decode_sync, encode_uplink, entry_mask, entry_values, hgc_step, momentum_step,
+    Entry,
+    aggregate,
+    decode_relay,
+    decode_sync,
+    encode_uplink,
+    entry_mask,
+    entry_values,
+    hgc_step,
+    momentum_step,
 )
 from fedcomp.hgc.predictor import Predictor, xor_residue
 from fedcomp.hgc.quantizer import dequantize_levels, quantize_levels

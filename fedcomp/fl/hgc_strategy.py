@@ -32,12 +32,18 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from fedcomp.coding import encode_indices
 from fedcomp.compression.selectors import budget
 from fedcomp.fl import messages as M
 from fedcomp.fl.strategy import CompressedFedAvg
 from fedcomp.hgc.codec import (
-    aggregate, decode_uplink, encode_relay, encode_sync, entry_mask, entry_values, hgc_step, momentum_step,
+    aggregate,
+    decode_uplink,
+    encode_relay,
+    encode_sync,
+    entry_mask,
+    entry_values,
+    hgc_step,
+    momentum_step,
 )
 from fedcomp.hgc.predictor import Predictor
 from fedcomp.hgc.schedule import lr_step_adjusted_ratio, warmup_ratio

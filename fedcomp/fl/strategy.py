@@ -37,7 +37,6 @@ from fedcomp.metrics import ClientRound, RoundStats
 from fedcomp.models import StateLayout
 from fedcomp.network import NetworkModel
 
-
 DOWNLINK_MODES = ("model", "update")
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedcomp.coding import decode_indices, decode_symbols, encode_indices, encode_symbols
+from fedcomp.coding import decode_indices, decode_symbols, encode_symbols
 from fedcomp.hgc.predictor import Predictor, xor_residue
 from fedcomp.hgc.quantizer import dequantize_levels
 from fedcomp.wire import PayloadError, pack_frame, unpack_frame
