@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fedcomp.metrics.accounting import speedup
+from fedcomp.network import ClientLink, shared_mask_round_time
 from fedcomp.runs import run_once, write_results
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,32 +75,27 @@ def run(setting: str, name: str, overrides: list[str], rounds: int) -> dict:
     ], f"[{setting}] {name}")
 
 
-LINK_BPS, LATENCY_S = 1e9, 0.5e-3  # network=lan_1gbps
+LINK = ClientLink(1e9, 1e9, 0.5e-3)  # network=lan_1gbps
 
 
 def fixed_compute_time(s: dict, compute_s: float) -> float:
     """Simulated time of a run with every client's local compute set to ``compute_s``, so the
     speedup compares communication alone and is immune to machine load while the runs were
-    measured. Same round-time model as the strategies: a synchronous round lasts as long as
-    its slowest client; under HGC's shared mask the members compress only after the owner
-    (the client carrying the mask: the largest upload) is done and the mask has reached them."""
-    comm = lambda up, down: 2 * LATENCY_S + 8 * (up + down) / LINK_BPS
-    total = 0.0
+    measured. Same round-time model as the strategies (fedcomp.network): a synchronous round
+    lasts as long as its slowest client; under HGC's shared mask the members compress only
+    after the owner (the client carrying the mask: the largest upload) is done."""
     two_phase = s["config"]["strategy"]["_target_"].endswith("HGCStrategy") and s["config"]["strategy"]["mask_policy"] != "own"
+    total = 0.0
     for r in s["rows"]:
-        clients = list(r["clients"].values())
-        if not two_phase or len(clients) == 1:
-            total += max(comm(c["bytes_up"], c["bytes_down"]) for c in clients) + compute_s
+        parties = [(LINK, c["bytes_up"], c["bytes_down"], compute_s) for c in r["clients"].values()]
+        if not two_phase or len(parties) == 1:
+            total += max(link.round_time(up, down, t) for link, up, down, t in parties)
             continue
-        owner = max(clients, key=lambda c: c["bytes_up"])
-        members = [c for c in clients if c is not owner]
-        mask = max(c["bytes_down"] for c in members) - owner["bytes_down"] if owner["bytes_down"] < max(c["bytes_down"] for c in members) else 0
-        t_owner = comm(owner["bytes_up"], owner["bytes_down"]) + compute_s
-        finish = max(
-            max(LATENCY_S + 8 * (c["bytes_down"] - mask) / LINK_BPS + compute_s, t_owner + LATENCY_S + 8 * mask / LINK_BPS)
-            + LATENCY_S + 8 * c["bytes_up"] / LINK_BPS for c in members
-        )
-        total += max(t_owner, finish)
+        owner = max(parties, key=lambda p: p[1])
+        members = [p for p in parties if p is not owner]
+        # Members' downlink carries the relayed mask on top of what the owner received.
+        mask = max(0, max(p[2] for p in members) - owner[2])
+        total += shared_mask_round_time(owner, members, mask)
     return total
 
 
@@ -139,7 +136,7 @@ def main() -> None:
                 continue
             m, t = s["max_cr"], s["total_cr"]
             lines.append(f"| {name} | {fmt(m['up'])} | {fmt(m['down'])} | {fmt(m['total'])} | {fmt(t['up'])} | {fmt(t['down'])} | "
-                         f"{fmt(t['total'])} | {fedavg['fixed_time_s'] / s['fixed_time_s']:.2f} | {s['final_accuracy']:.4f} | {s['best_accuracy']:.4f} |")
+                         f"{fmt(t['total'])} | {speedup(fedavg['fixed_time_s'], s['fixed_time_s']):.2f} | {s['final_accuracy']:.4f} | {s['best_accuracy']:.4f} |")
         lines.append("")
         if setting == "4iid":
             lines += ["## Table 3: decomposition of HGC's Max CR up = CR_i x CR_c x CR_t (4 clients, IID)", "",
@@ -157,7 +154,7 @@ def main() -> None:
                       "| (k/d, q) | Total CR up | speedup | accuracy |", "|---|---|---|---|"]
             for name, label in (("HGC", "0.001, 1"), ("HGC (1%, 1 bit)", "0.01, 1"), ("HGC (0.1%, 2 bits)", "0.001, 2")):
                 s = runs[name]
-                lines.append(f"| {label} | {fmt(s['total_cr']['up'])} | {fedavg['fixed_time_s'] / s['fixed_time_s']:.2f} | {s['final_accuracy']:.4f} |")
+                lines.append(f"| {label} | {fmt(s['total_cr']['up'])} | {speedup(fedavg['fixed_time_s'], s['fixed_time_s']):.2f} | {s['final_accuracy']:.4f} |")
             lines.append("")
     write_results(RESULTS, lines, {
         setting: {name: {k: s[k] for k in ("max_cr", "total_cr", "final_accuracy", "best_accuracy", "fixed_time_s", "total_bytes_up", "total_bytes_down")}

@@ -65,6 +65,26 @@ class NetworkModel:
         )
 
 
+def shared_mask_round_time(
+    owner: tuple[ClientLink, int, int, float],
+    members: list[tuple[ClientLink, int, int, float]],
+    mask_bytes: int,
+    compute_scale: float = 1.0,
+) -> float:
+    """A round in which one client (the owner) must finish before the others may compress
+    (HGC's shared mask). Each party is (link, up_bytes, down_bytes, compute_s); a member's
+    down_bytes include the ``mask_bytes`` relayed to it. Members train while the owner works
+    but compress only once the mask, relayed after the owner's upload, has reached them."""
+    link, up, down, compute = owner
+    t_mask = link.round_time(up, down, compute, compute_scale)
+    finish = t_mask
+    for link, up, down, compute in members:
+        trained = link.latency_s + 8.0 * (down - mask_bytes) / link.downlink_bps + compute * compute_scale * link.speed_factor
+        mask_in = t_mask + link.latency_s + 8.0 * mask_bytes / link.downlink_bps
+        finish = max(finish, max(trained, mask_in) + link.latency_s + 8.0 * up / link.uplink_bps)
+    return finish
+
+
 def _links_from_csv(path: Path, base: ClientLink, num_clients: int) -> list[ClientLink]:
     if not path.is_file():
         raise FileNotFoundError(f"network.heterogeneity.path: no file {path}")
