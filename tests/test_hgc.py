@@ -10,7 +10,6 @@ from fedcomp.coding import encode_indices
 from fedcomp.fl import messages as M
 from fedcomp.fl.client_app import make_client_app
 from fedcomp.fl.engine import InlineGrid
-from fedcomp.fl.hgc_client import HGC_STATE
 from fedcomp.fl.runtime import get_runtime
 from fedcomp.fl.server_app import build_strategy
 from fedcomp.hgc.codec import Entry, decode_uplink, encode_uplink, entry_mask, entry_values
@@ -130,7 +129,7 @@ def run_hgc(fast_cfg, rounds, *extra):
 
 
 def client_buffers(ctx):
-    return {k: ctx.state[HGC_STATE][k].numpy() for k in ("u", "v")}
+    return {k: ctx.state[M.HGC_STATE][k].numpy() for k in ("u", "v")}
 
 
 @pytest.mark.parametrize("extra", [(), ("strategy.momentum=0.9", "strategy.momentum_after_lr_step=0.5", "train.lr_milestones=[0.5]")])

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from fedcomp.config import compose_config
 from fedcomp.fl import messages as M
-from fedcomp.fl.hgc_client import HGC, hgc_round
+from fedcomp.fl.hgc_client import hgc_round
 from fedcomp.fl.local import train_local
 from fedcomp.fl.runtime import Runtime, get_runtime
 
@@ -70,7 +70,7 @@ def train_on_client(cfg: DictConfig, msg: Message, context: Context) -> Message:
     partition_id = int(context.node_config["partition-id"])
     config = msg.content[M.CONFIG]
     seed = int(np.random.SeedSequence([cfg.seed, int(config["server-round"]), partition_id]).generate_state(1)[0])
-    if HGC in msg.content:
+    if M.HGC in msg.content:
         return hgc_round(rt, msg, context.state, partition_id, seed, round_training(rt, config))
     received = receive_model(rt, msg.content[M.DOWN], context.state)
     rt.layout.load(rt.model, received)

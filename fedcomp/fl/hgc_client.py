@@ -18,20 +18,15 @@ from fedcomp.fl.local import train_local
 from fedcomp.fl.runtime import Runtime
 from fedcomp.hgc.codec import (
     Entry,
-    aggregate,
+    aggregate_entries,
     decode_relay,
     decode_sync,
     encode_uplink,
-    entry_mask,
-    entry_values,
     hgc_step,
     momentum_step,
 )
 from fedcomp.hgc.predictor import Predictor, xor_residue
 from fedcomp.hgc.quantizer import dequantize_levels, quantize_levels
-
-HGC = "fedcomp.hgc"
-HGC_STATE = "fedcomp.hgc.state"  # ArrayRecord: u, v, memory, mask
 
 
 def _load(state: RecordDict, name: str, key: str) -> torch.Tensor | None:
@@ -56,22 +51,17 @@ def synchronise(rec: ConfigRecord, state: RecordDict, predictor: Predictor) -> t
     entries, weights, numel = decode_relay(rec[M.PAYLOAD])
     if numel != d:
         raise ValueError(f"HGC relay for d={numel}, the replica has d={d}")
-    shared = _load(state, HGC_STATE, "mask")
-    parts = []
-    for entry in entries:
-        mask = entry_mask(entry, shared, d)
-        parts.append((mask, entry_values(entry, mask, predictor)))
-    g = aggregate(parts, weights, d)
+    g = aggregate_entries(entries, weights, _load(state, M.HGC_STATE, "mask"), predictor, d)
     predictor.observe(g)
-    velocity = _load(state, HGC_STATE, "velocity")
+    velocity = _load(state, M.HGC_STATE, "velocity")
     velocity = momentum_step(g, velocity if velocity is not None else torch.zeros(d, dtype=torch.float64), float(rec["relay-momentum"]))
     return w + hgc_step(velocity, float(rec["server-lr"])), velocity
 
 
 def hgc_round(rt: Runtime, msg: Message, state: RecordDict, partition_id: int, seed: int, training: dict) -> Message:
-    rec = msg.content[HGC]
+    rec = msg.content[M.HGC]
     predictor = Predictor(float(rec["beta"]), float(rec["eps"]))
-    predictor.load_state({k: v for k in ("u", "v") if (v := _load(state, HGC_STATE, k)) is not None})
+    predictor.load_state({k: v for k in ("u", "v") if (v := _load(state, M.HGC_STATE, k)) is not None})
     w, velocity = synchronise(rec, state, predictor)
     d = w.numel()
 
@@ -81,7 +71,7 @@ def hgc_round(rt: Runtime, msg: Message, state: RecordDict, partition_id: int, s
     loss = train_local(rt.model, rt.train.x, rt.train.y, indices, generator=torch.Generator().manual_seed(seed), **training)
     compute_s = time.perf_counter() - start
 
-    memory = _load(state, HGC_STATE, "memory")
+    memory = _load(state, M.HGC_STATE, "memory")
     x = rt.layout.flatten(rt.model) - w + (memory if memory is not None else 0)
     phase, bits, k = rec["phase"], int(rec["bits"]), int(rec["k"])
     if phase == "member":
@@ -99,6 +89,6 @@ def hgc_round(rt: Runtime, msg: Message, state: RecordDict, partition_id: int, s
 
     state[M.REPLICA] = ArrayRecord({"w": w})
     state[M.REPLICA_VERSION] = ConfigRecord({M.VERSION: int(rec[M.VERSION])})
-    state[HGC_STATE] = ArrayRecord({"u": predictor.u, "v": predictor.v, "velocity": velocity, "memory": memory, "mask": mask})
+    state[M.HGC_STATE] = ArrayRecord({**predictor.state(), "velocity": velocity, "memory": memory, "mask": mask})
     metrics = MetricRecord({"num-examples": len(indices), "train-loss": loss, "compute-s": compute_s, "partition-id": partition_id})
     return Message(RecordDict({M.UP: ConfigRecord({M.PAYLOAD: payload}), M.METRICS: metrics}), reply_to=msg)

@@ -36,12 +36,11 @@ from fedcomp.compression.selectors import budget
 from fedcomp.fl import messages as M
 from fedcomp.fl.strategy import CompressedFedAvg
 from fedcomp.hgc.codec import (
-    aggregate,
+    aggregate_entries,
     decode_uplink,
     encode_relay,
     encode_sync,
     entry_mask,
-    entry_values,
     hgc_step,
     momentum_step,
 )
@@ -49,8 +48,8 @@ from fedcomp.hgc.predictor import Predictor
 from fedcomp.hgc.schedule import lr_step_adjusted_ratio, warmup_ratio
 from fedcomp.metrics import RoundStats
 from fedcomp.models import StateLayout
+from fedcomp.network import shared_mask_round_time
 
-HGC = "fedcomp.hgc"
 MASK_POLICIES = ("rotating", "largest", "own")
 
 
@@ -91,7 +90,7 @@ class HGCStrategy(CompressedFedAvg):
         return self.momentum_after_lr_step if passed and self.momentum_after_lr_step is not None else self.momentum
 
     def _sync_buffers(self) -> dict[str, torch.Tensor]:
-        buffers = {"u": self.predictor.u, "v": self.predictor.v} if self._version else {}
+        buffers = self.predictor.state() if self._version else {}
         if self.velocity.abs().sum() > 0:
             buffers["velocity"] = self.velocity
         return buffers
@@ -102,7 +101,7 @@ class HGCStrategy(CompressedFedAvg):
         return nodes[(server_round - 1) % len(nodes)]
 
     def _record(self, node_id: int, phase: str, k: int, mask: bytes | None) -> ConfigRecord:
-        in_sync = self._pending is not None and self._synced.get(node_id) == self._version - 1
+        in_sync = self._in_sync(node_id)
         sync = self._pending if in_sync else encode_sync(self._global, self._sync_buffers())
         self._synced[node_id] = self._version
         rec = {
@@ -116,7 +115,7 @@ class HGCStrategy(CompressedFedAvg):
         return ConfigRecord(rec)
 
     def _message(self, node_id: int, record: ConfigRecord, config: ConfigRecord) -> Message:
-        return Message(RecordDict({HGC: record, M.CONFIG: config}), dst_node_id=node_id, message_type=MessageType.TRAIN)
+        return Message(RecordDict({M.HGC: record, M.CONFIG: config}), dst_node_id=node_id, message_type=MessageType.TRAIN)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self._state = arrays.to_torch_state_dict()
@@ -153,7 +152,7 @@ class HGCStrategy(CompressedFedAvg):
         replies.sort(key=lambda r: r.metadata.src_node_id)  # one fixed aggregation order
         d = self._global.numel()
         stats = RoundStats(server_round)
-        entries, parts, sizes = [], [], []
+        entries, sizes = [], []
         shared = None
         for reply in replies:
             if reply.has_error():
@@ -170,11 +169,8 @@ class HGCStrategy(CompressedFedAvg):
             self._sizes[reply.metadata.src_node_id] = sizes[-1]
         if not entries:
             raise RuntimeError(f"round {server_round}: no client replied")
-        for entry in entries:
-            mask = entry_mask(entry, shared, d)
-            parts.append((mask, entry_values(entry, mask, self.predictor)))
         weights = np.asarray(sizes, dtype=np.float32) / np.float32(sum(sizes))
-        g = aggregate(parts, weights, d)
+        g = aggregate_entries(entries, weights, shared, self.predictor, d)
         self.history.update_norms.append(float(g.norm()))
         self._relay_momentum = self.momentum_at(server_round)
         self.velocity = momentum_step(g, self.velocity, self._relay_momentum)
@@ -188,19 +184,10 @@ class HGCStrategy(CompressedFedAvg):
         return ArrayRecord(self._state), MetricRecord({"train-loss": stats.train_loss, "num-examples": sum(sizes)})
 
     def _round_time(self, stats: RoundStats, replies: list[Message]) -> float:
-        """Members train while the owner works, but compress only once the mask, relayed after
-        the owner's upload, has reached them."""
+        net = self.network
         if self._owner is None:
-            return self.network.round_time({c.partition_id: (c.bytes_up, c.bytes_down, c.compute_s) for c in stats.clients})
-        net, scale = self.network, self.network.compute_scale
+            return net.round_time({c.partition_id: (c.bytes_up, c.bytes_down, c.compute_s) for c in stats.clients})
+        party = lambda c: (net.links[c.partition_id], c.bytes_up, c.bytes_down, c.compute_s)
         by_node = {r.metadata.src_node_id: c for c, r in zip(stats.clients, replies)}
         owner = by_node.pop(self._owner)
-        t_mask = net.links[owner.partition_id].round_time(owner.bytes_up, owner.bytes_down, owner.compute_s, scale)
-        finish = t_mask
-        for c in by_node.values():
-            link = net.links[c.partition_id]
-            mask_bytes = len(self._mask_blob or b"")
-            trained = link.latency_s + 8.0 * (c.bytes_down - mask_bytes) / link.downlink_bps + c.compute_s * scale * link.speed_factor
-            mask_in = t_mask + link.latency_s + 8.0 * mask_bytes / link.downlink_bps
-            finish = max(finish, max(trained, mask_in) + link.latency_s + 8.0 * c.bytes_up / link.uplink_bps)
-        return finish
+        return shared_mask_round_time(party(owner), [party(c) for c in by_node.values()], len(self._mask_blob or b""), net.compute_scale)

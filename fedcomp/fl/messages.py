@@ -21,3 +21,7 @@ DELTA = "delta"  # the last global update, coded by the downlink compressor (dow
 UP_STATE = "fedcomp.up.state"  # ArrayRecord: the uplink compressor's state (error feedback, ...)
 REPLICA = "fedcomp.replica"  # ArrayRecord {"w": flat model}: the client's copy (downlink: update)
 REPLICA_VERSION = "fedcomp.replica.version"  # ConfigRecord {"version": int}
+
+# HGC (fl/hgc_strategy.py, fl/hgc_client.py).
+HGC = "fedcomp.hgc"  # ConfigRecord: the round's HGC instructions and downlink
+HGC_STATE = "fedcomp.hgc.state"  # client ArrayRecord: u, v, velocity, memory, mask

@@ -122,6 +122,10 @@ class CompressedFedAvg(Strategy):
             messages.append(Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN))
         return messages
 
+    def _in_sync(self, node_id: int) -> bool:
+        """Whether the node's replica is one version behind, so the pending step brings it level."""
+        return self._pending is not None and self._synced.get(node_id) == self._version - 1
+
     def _downlink_records(self, nodes: list[int]) -> list[ConfigRecord]:
         if self.downlink == "model":
             payload = self.down.compress(self._global)
@@ -129,7 +133,7 @@ class CompressedFedAvg(Strategy):
         full = None
         records = []
         for node_id in nodes:
-            if self._pending is not None and self._synced.get(node_id) == self._version - 1:
+            if self._in_sync(node_id):
                 payload, kind = self._pending, M.DELTA
             else:
                 full = full or self._full.compress(self._global)

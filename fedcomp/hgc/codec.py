@@ -135,6 +135,15 @@ def entry_values(entry: Entry, mask: torch.Tensor, predictor: Predictor) -> torc
     return dequantize_levels(symbols, entry.levels)
 
 
+def aggregate_entries(entries: list[Entry], weights: np.ndarray, shared: torch.Tensor | None, predictor: Predictor, d: int) -> torch.Tensor:
+    """Undo each entry's residue on its mask (own, else ``shared``) and aggregate them."""
+    parts = []
+    for entry in entries:
+        mask = entry_mask(entry, shared, d)
+        parts.append((mask, entry_values(entry, mask, predictor)))
+    return aggregate(parts, weights, d)
+
+
 def aggregate(parts: list[tuple[torch.Tensor, torch.Tensor]], weights: np.ndarray, d: int) -> torch.Tensor:
     """g~ = sum_i w_i S_i(Q(x_i)), in float64, in the order given -- the one function both
     the server and every client run, so they hold bit-identical aggregates."""
