@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +19,22 @@ def load_run(out_dir: Path) -> dict[str, Any]:
     return summary
 
 
-def run_once(out_dir: Path, overrides: list[str], label: str = "") -> dict[str, Any]:
+def run_once(out_dir: Path, overrides: list[str], label: str = "", env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run ``fedcomp <overrides>`` into ``out_dir`` unless it already holds a finished run."""
     if not (out_dir / "summary.json").is_file():
         print(f"running {label or out_dir.name}", flush=True)
         cmd = [sys.executable, "-m", "fedcomp", *overrides, "progress=false", f"hydra.run.dir={out_dir}"]
-        subprocess.run(cmd, check=True)
+        subprocess.run(cmd, check=True, env=env)
     return load_run(out_dir)
+
+
+def run_many(runs: Sequence[tuple[Path, list[str]]], jobs: int = 1) -> list[dict[str, Any]]:
+    """``run_once`` for each (out_dir, overrides), ``jobs`` processes at a time, results in order.
+    Parallel runs get one intra-op thread each, so ``jobs`` processes share ``jobs`` cores
+    instead of oversubscribing them."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"} if jobs > 1 else None
+    with ThreadPoolExecutor(max_workers=max(jobs, 1)) as pool:
+        return list(pool.map(lambda run: run_once(run[0], run[1], env=env), runs))
 
 
 def first_round(rows: list[dict[str, Any]], key: str, reached) -> dict[str, Any] | None:

@@ -207,3 +207,16 @@ def test_partial_participation_resyncs_stale_clients_with_counted_full_models(fa
     for row, down in zip(rows, [d for d in grid.down if d]):
         assert sorted(c["bytes_down"] for c in row["clients"].values()) == sorted(down.values())
         assert all(v == full or v < 0.05 * full for v in down.values())
+
+
+def test_run_many_runs_in_parallel_in_order_and_reuses_finished_runs(tmp_path):
+    from fedcomp.runs import run_many
+
+    base = ["dataset=synthetic", "model=logreg", "simulation.num_clients=2", "num_rounds=1", "train.steps=2"]
+    runs = [(tmp_path / f"s{seed}", [*base, f"seed={seed}"]) for seed in (0, 1)]
+    first = run_many(runs, jobs=2)
+    assert [s["config"]["seed"] for s in first] == [0, 1]
+    stamps = [(d / "summary.json").stat().st_mtime_ns for d, _ in runs]
+    again = run_many(runs, jobs=2)
+    assert [(d / "summary.json").stat().st_mtime_ns for d, _ in runs] == stamps
+    assert [s["final_accuracy"] for s in again] == [s["final_accuracy"] for s in first]

@@ -9,6 +9,7 @@ of range), and every error names the dotted key, e.g. ``partition.alpha``.
 from __future__ import annotations
 
 import inspect
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -58,8 +59,13 @@ class TrainConfig:
     lr_milestones: list[float] = field(default_factory=list)
     lr_gamma: float = 0.1
     eval_batch_size: int = 1000
+    # Where local training and evaluation run: cpu, cuda (cuda:N) or auto (cuda when available).
+    # Compression and the wire always work on CPU copies of the update.
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
+        _require(self.device in ("cpu", "auto") or re.fullmatch(r"cuda(:\d+)?", self.device) is not None,
+                 "train.device", "must be cpu, cuda, cuda:N or auto", self.device)
         _require(self.epochs >= 1, "train.epochs", "must be >= 1", self.epochs)
         _require(self.steps is None or self.steps >= 1, "train.steps", "must be >= 1 or null", self.steps)
         _require(self.batch_size >= 1, "train.batch_size", "must be >= 1", self.batch_size)

@@ -79,7 +79,7 @@ def train_on_client(cfg: DictConfig, msg: Message, context: Context) -> Message:
     start = time.perf_counter()
     loss = train_local(rt.model, rt.train.x, rt.train.y, indices, generator=generator, **round_training(rt, config))
     compute_s = time.perf_counter() - start
-    update = rt.layout.flatten(rt.model) - received
+    update = rt.flat_model() - received
     ratio = float(config["ratio"]) if "ratio" in config else None
     payload = compress_update(rt, update, context.state, seed, int(config["server-round"]), ratio)
     metrics = MetricRecord({

@@ -72,7 +72,7 @@ def hgc_round(rt: Runtime, msg: Message, state: RecordDict, partition_id: int, s
     compute_s = time.perf_counter() - start
 
     memory = _load(state, M.HGC_STATE, "memory")
-    x = rt.layout.flatten(rt.model) - w + (memory if memory is not None else 0)
+    x = rt.flat_model() - w + (memory if memory is not None else 0)
     phase, bits, k = rec["phase"], int(rec["bits"]), int(rec["k"])
     if phase == "member":
         mask = torch.from_numpy(decode_indices(rec["mask"], d))

@@ -22,13 +22,13 @@ def train_local(
     n = len(indices)
     per_epoch = -(-n // batch_size)
     total = steps if steps is not None else epochs * per_epoch
-    loss_sum, done = torch.zeros(()), 0
+    loss_sum, done = torch.zeros((), device=x.device), 0
     while done < total:
         perm = torch.randperm(n, generator=generator)
         for start in range(0, n, batch_size):
             if done == total:
                 break
-            idx = indices[perm[start : start + batch_size]]
+            idx = indices[perm[start : start + batch_size]].to(x.device, non_blocking=True)
             opt.zero_grad(set_to_none=True)
             loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
             loss.backward()

@@ -3,6 +3,7 @@
 Server and clients build the same ``Runtime`` from the same config, so the partition (a pure
 function of the seed) and the model layout agree without being sent. One instance per config
 per process is cached: Ray actors and the inline engine reuse it across rounds and clients.
+Datasets and models live on ``train.device``; model vectors that cross the wire stay on CPU.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from fedcomp.compression import Compressor, build
+from fedcomp.config import ConfigError
 from fedcomp.data import TensorData, load_dataset
 from fedcomp.models import StateLayout, build_model
 from fedcomp.partition import Partition, make_partition
@@ -30,11 +32,20 @@ class Runtime:
     layout: StateLayout
     _compressors: dict[str, Compressor] = field(default_factory=dict)
 
+    @property
+    def device(self) -> torch.device:
+        return self.train.x.device
+
     def new_model(self) -> torch.nn.Module:
-        return build_model(self.cfg.model, self.train.input_shape, self.train.num_classes, self.cfg.seed)
+        model = build_model(self.cfg.model, self.train.input_shape, self.train.num_classes, self.cfg.seed)
+        return model.to(self.device)
 
     def client_indices(self, partition_id: int) -> torch.Tensor:
         return torch.from_numpy(self.partition.indices[partition_id])
+
+    def flat_model(self) -> torch.Tensor:
+        """The scratch model's parameters as one CPU vector (what compressors and the wire see)."""
+        return self.layout.flatten(self.model).cpu()
 
     @cached_property
     def local_training(self) -> dict:
@@ -56,6 +67,23 @@ class Runtime:
         return build("identity")
 
 
+def resolve_device(name: str) -> torch.device:
+    """``train.device`` as a torch device; ``auto`` picks CUDA when it is usable."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"train.device: {name} requested but torch sees no CUDA device (got {name!r})")
+        index = torch.device(name).index or 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"train.device: only {torch.cuda.device_count()} CUDA device(s) (got {name!r})")
+    return torch.device(name)
+
+
+def _on(data: TensorData, device: torch.device) -> TensorData:
+    return TensorData(data.x.to(device), data.y.to(device), data.num_classes)
+
+
 def _warm_up(model: torch.nn.Module, data: TensorData) -> None:
     """One forward/backward pass and an optimizer, so one-off set-up (the first optimizer
     imports torch's compiler stack, ~3 s) is not counted as the first client's compute time."""
@@ -67,9 +95,11 @@ def _warm_up(model: torch.nn.Module, data: TensorData) -> None:
 @lru_cache(maxsize=2)
 def _runtime(cfg_yaml: str) -> Runtime:
     cfg = OmegaConf.create(cfg_yaml)
+    device = resolve_device(cfg.train.device)
     train, test = load_dataset(cfg.dataset)
     partition = make_partition(cfg.partition, train.y.numpy(), train.num_classes, cfg.simulation.num_clients, cfg.seed)
-    model = build_model(cfg.model, train.input_shape, train.num_classes, cfg.seed)
+    train, test = _on(train, device), _on(test, device)
+    model = build_model(cfg.model, train.input_shape, train.num_classes, cfg.seed).to(device)
     _warm_up(model, train)
     return Runtime(cfg, train, test, partition, model, StateLayout.of(model))
 

@@ -76,7 +76,7 @@ def run_server(grid: Grid, cfg: DictConfig, out_dir: str | Path) -> dict[str, An
 
         strategy.start(
             grid=grid,
-            initial_arrays=ArrayRecord(eval_model.state_dict()),
+            initial_arrays=ArrayRecord({k: v.cpu() for k, v in eval_model.state_dict().items()}),
             num_rounds=cfg.num_rounds,
             train_config=ConfigRecord({}),
             evaluate_fn=evaluate_fn,
