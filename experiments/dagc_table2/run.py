@@ -80,21 +80,49 @@ def main() -> None:
                     cells.append(((skew, mean, name), run))
     summaries = dict(zip(runs, run_many(list(runs.items()), args.jobs)))
     accs: dict[tuple[float, float, str], list[float]] = {}
+    on_gpu: dict[tuple[float, float, str], int] = {}
     for cell, run in cells:
         accs.setdefault(cell, []).append(summaries[run]["final_accuracy"])
+        on_gpu[cell] = on_gpu.get(cell, 0) + (summaries[run]["config"]["train"].get("device", "cpu") != "cpu")
     lines = [f"# DAGC Table II style on FashionMNIST / cnn4 ({args.rounds} rounds x {args.steps} local steps, seeds {args.seeds})", "",
              f"Regenerate: `.venv/bin/python experiments/dagc_table2/run.py --rounds {args.rounds} --steps {args.steps}"
              + "".join(f" --set {o}" for o in args.set) + "`", "",
              "Accuracy after the last round; std over seeds (population std). DAGC (exact) shares the Top-delta",
-             "run for the seeds listed in the last column (identical k on every client).", "",
-             "| skew ratio | mean ratio | method | accuracy mean | accuracy std | seeds shared with Top-delta |",
-             "|---|---|---|---|---|---|"]
+             "run for the seeds listed (identical k on every client). Runs trained on a GPU (`train.device=cuda`)",
+             "are counted in the last column; the others on CPU.", "",
+             "| skew ratio | mean ratio | method | accuracy mean | accuracy std | seeds shared with Top-delta | runs on GPU |",
+             "|---|---|---|---|---|---|---|"]
     out = {}
     for (skew, mean, name), a in accs.items():
         out[f"sr{skew:g}/d{mean:g}/{name}"] = a
         note = " ".join(map(str, shared.get((skew, mean), []))) if name == "DAGC (exact)" else ""
-        lines.append(f"| {skew:g} | {mean:g} | {name} | {np.mean(a):.4f} | {np.std(a):.4f} | {note} |")
+        lines.append(f"| {skew:g} | {mean:g} | {name} | {np.mean(a):.4f} | {np.std(a):.4f} | {note} | {on_gpu[skew, mean, name]} |")
     write_results(RESULTS, lines, out)
+    plot(accs, RESULTS / "accuracy.png")
+
+
+def plot(accs: dict[tuple[float, float, str], list[float]], path: Path) -> None:
+    """Mean accuracy and seed spread per (skew ratio, mean ratio) cell, one bar per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = sorted({(skew, mean) for skew, mean, _ in accs}, key=lambda c: (c[0], -c[1]))
+    names = list(dict.fromkeys(name for _, _, name in accs))
+    fig, ax = plt.subplots(figsize=(11, 4))
+    width = 0.8 / len(names)
+    for j, name in enumerate(names):
+        vals = [accs[skew, mean, name] for skew, mean in cells]
+        ax.bar(np.arange(len(cells)) + j * width, [np.mean(v) for v in vals], width,
+               yerr=[np.std(v) for v in vals], label=name, capsize=2)
+    ax.set_xticks(np.arange(len(cells)) + 0.4 - width / 2, [f"SR {s:g}\nmean {m:g}" for s, m in cells])
+    lows = [np.mean(v) - np.std(v) for v in accs.values()]
+    ax.set_ylim(min(lows) - 0.02, max(np.mean(v) + np.std(v) for v in accs.values()) + 0.01)
+    ax.set_ylabel("final test accuracy")
+    ax.legend(ncol=len(names), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

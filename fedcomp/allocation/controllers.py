@@ -9,21 +9,26 @@ metrics.jsonl (``ratio``), so budgets are checked by the accounting, not assumed
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from fedcomp.allocation.adaptopk import adaptopk_ratio, fit_alpha_beta, lemma_t_hat, log_contraction
 from fedcomp.allocation.dagc import dagc_ratios
 
 
 @dataclass
 class History:
     """What a controller may look at: the data weights of all clients and, per finished
-    round, the norm of the aggregated update."""
+    round, the norm of the aggregated update and the data-weighted mean of the clients'
+    squared local gradient norms (||local update||^2 / (lr x local steps)^2, reported by
+    the clients before compression)."""
 
     weights: np.ndarray
     update_norms: list[float] = field(default_factory=list)
+    grad_sq_norms: list[float] = field(default_factory=list)
 
 
 class RatioController(ABC):
@@ -90,26 +95,40 @@ class Accordion(RatioController):
         return {c: ratio for c in clients}
 
 
-def adaptopk_ratio(server_round: int, ratio: float, gamma: float, t_hat: float, total_rounds: int) -> float:
-    """AdapTop-K (002_... Eq. 21 / 36): (1 - gamma) k inside [t_hat/2, (t_hat + T)/2) and
-    (1 + gamma) k outside. The inside window is T/2 rounds long, so over T rounds the total
-    equals fixed top-k's (exactly when T is even)."""
-    t = server_round - 1  # the paper counts iterations from 0
-    inside = t_hat / 2 <= t < (t_hat + total_rounds) / 2
-    return min(1.0, ratio * (1 - gamma if inside else 1 + gamma))
-
-
 class AdapTopK(RatioController):
-    """AdapTop-K with switch point ``t_hat`` (rounds; Lemma 3 / 8 give it from estimates of
-    the problem's alpha and beta, which are not observable here, so it is set directly;
-    default T/2, the midpoint)."""
+    """AdapTop-K (002_... Algorithms 1 and 2): (1 + gamma) k outside and (1 - gamma) k inside
+    [t_hat/2, (t_hat + T)/2). ``t_hat``: a number of rounds, None for T/2, or "lemma" for
+    Lemma 3 (``error_compensation`` false) / Lemma 8 (true) with alpha and beta fitted to the
+    clients' squared gradient norms of the first ``estimate_rounds`` rounds (those rounds use
+    (1 + gamma) k, as the schedule's first segment does) and the given strong-convexity
+    constant ``mu`` and learning rate ``lr``. The lemma's t_hat is clamped to
+    [2 estimate_rounds, T] so that the schedule stays consistent with the rounds already sent
+    and the (1 - gamma) window fits in the horizon, which keeps the total budget equal to
+    fixed top-k's."""
 
-    def __init__(self, ratio: float, gamma: float, total_rounds: int, t_hat: float | None = None) -> None:
+    def __init__(
+        self, ratio: float, gamma: float, total_rounds: int, t_hat: float | str | None = None, *,
+        mu: float = 0.01, lr: float = 0.1, error_compensation: bool = True, estimate_rounds: int = 20,
+    ) -> None:
         if not 0 <= gamma < 1:
             raise ValueError(f"gamma must be in [0, 1), got {gamma}")
+        if isinstance(t_hat, str) and t_hat != "lemma":
+            raise ValueError(f"t_hat must be a number of rounds, null or 'lemma', got {t_hat!r}")
         self.ratio, self.gamma, self.total_rounds = ratio, gamma, total_rounds
-        self.t_hat = total_rounds / 2 if t_hat is None else t_hat
+        self.estimate = t_hat == "lemma"
+        if self.estimate:
+            if not 2 <= estimate_rounds <= total_rounds // 2:
+                raise ValueError(f"estimate_rounds must be in [2, T/2], got {estimate_rounds}")
+            self.log_b = log_contraction(lr, mu, ratio, error_compensation)
+        self.estimate_rounds = estimate_rounds
+        self.t_hat: float | None = None if self.estimate else (total_rounds / 2 if t_hat is None else float(t_hat))
+        self.fit: tuple[float, float] | None = None  # (alpha, beta) once estimated
 
     def ratios(self, server_round: int, clients: list[int], history: History) -> dict[int, float]:
-        r = adaptopk_ratio(server_round, self.ratio, self.gamma, self.t_hat, self.total_rounds)
+        if self.t_hat is None and len(history.grad_sq_norms) >= self.estimate_rounds:
+            self.fit = fit_alpha_beta(history.grad_sq_norms[: self.estimate_rounds])
+            lemma = lemma_t_hat(*self.fit, self.log_b)
+            self.t_hat = float(min(max(lemma, 2 * self.estimate_rounds), self.total_rounds))
+        t_hat = math.inf if self.t_hat is None else self.t_hat  # still estimating: first segment
+        r = adaptopk_ratio(server_round, self.ratio, self.gamma, t_hat, self.total_rounds)
         return {c: r for c in clients}

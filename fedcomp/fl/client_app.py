@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from fedcomp.config import compose_config
 from fedcomp.fl import messages as M
 from fedcomp.fl.hgc_client import hgc_round
-from fedcomp.fl.local import train_local
+from fedcomp.fl.local import mean_gradient_sq_norm, train_local
 from fedcomp.fl.runtime import Runtime, get_runtime
 
 
@@ -76,14 +76,16 @@ def train_on_client(cfg: DictConfig, msg: Message, context: Context) -> Message:
     rt.layout.load(rt.model, received)
     indices = rt.client_indices(partition_id)
     generator = torch.Generator().manual_seed(seed)
+    training = round_training(rt, config)
     start = time.perf_counter()
-    loss = train_local(rt.model, rt.train.x, rt.train.y, indices, generator=generator, **round_training(rt, config))
+    loss = train_local(rt.model, rt.train.x, rt.train.y, indices, generator=generator, **training)
     compute_s = time.perf_counter() - start
     update = rt.flat_model() - received
     ratio = float(config["ratio"]) if "ratio" in config else None
     payload = compress_update(rt, update, context.state, seed, int(config["server-round"]), ratio)
     metrics = MetricRecord({
         "num-examples": len(indices), "train-loss": loss, "compute-s": compute_s, "partition-id": partition_id,
+        "grad-sq-norm": mean_gradient_sq_norm(update, len(indices), training),
     })
     return Message(RecordDict({M.UP: ConfigRecord({M.PAYLOAD: payload}), M.METRICS: metrics}), reply_to=msg)
 

@@ -14,7 +14,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 
 from fedcomp.coding import decode_indices, encode_indices
 from fedcomp.fl import messages as M
-from fedcomp.fl.local import train_local
+from fedcomp.fl.local import mean_gradient_sq_norm, train_local
 from fedcomp.fl.runtime import Runtime
 from fedcomp.hgc.codec import (
     Entry,
@@ -72,7 +72,9 @@ def hgc_round(rt: Runtime, msg: Message, state: RecordDict, partition_id: int, s
     compute_s = time.perf_counter() - start
 
     memory = _load(state, M.HGC_STATE, "memory")
-    x = rt.flat_model() - w + (memory if memory is not None else 0)
+    update = rt.flat_model() - w
+    grad_sq_norm = mean_gradient_sq_norm(update, len(indices), training)
+    x = update + (memory if memory is not None else 0)
     phase, bits, k = rec["phase"], int(rec["bits"]), int(rec["k"])
     if phase == "member":
         mask = torch.from_numpy(decode_indices(rec["mask"], d))
@@ -90,5 +92,6 @@ def hgc_round(rt: Runtime, msg: Message, state: RecordDict, partition_id: int, s
     state[M.REPLICA] = ArrayRecord({"w": w})
     state[M.REPLICA_VERSION] = ConfigRecord({M.VERSION: int(rec[M.VERSION])})
     state[M.HGC_STATE] = ArrayRecord({**predictor.state(), "velocity": velocity, "memory": memory, "mask": mask})
-    metrics = MetricRecord({"num-examples": len(indices), "train-loss": loss, "compute-s": compute_s, "partition-id": partition_id})
+    metrics = MetricRecord({"num-examples": len(indices), "train-loss": loss, "compute-s": compute_s,
+                            "partition-id": partition_id, "grad-sq-norm": grad_sq_norm})
     return Message(RecordDict({M.UP: ConfigRecord({M.PAYLOAD: payload}), M.METRICS: metrics}), reply_to=msg)

@@ -172,6 +172,7 @@ class HGCStrategy(CompressedFedAvg):
         weights = np.asarray(sizes, dtype=np.float32) / np.float32(sum(sizes))
         g = aggregate_entries(entries, weights, shared, self.predictor, d)
         self.history.update_norms.append(float(g.norm()))
+        self.history.grad_sq_norms.append(stats.grad_sq_norm)
         self._relay_momentum = self.momentum_at(server_round)
         self.velocity = momentum_step(g, self.velocity, self._relay_momentum)
         self._global += hgc_step(self.velocity, self.server_lr)

@@ -8,6 +8,18 @@ from torch import nn
 from fedcomp.data import TensorData
 
 
+def local_steps(n: int, *, epochs: int, steps: int | None, batch_size: int) -> int:
+    """Mini-batches one local training run takes on ``n`` samples."""
+    return steps if steps is not None else epochs * -(-n // batch_size)
+
+
+def mean_gradient_sq_norm(update: torch.Tensor, n: int, training: dict) -> float:
+    """||update||^2 / (lr x local steps)^2: the squared norm of the mean local gradient of a
+    plain-SGD run (``training``: ``train_local``'s keyword arguments) that produced ``update``."""
+    steps = local_steps(n, epochs=training["epochs"], steps=training["steps"], batch_size=training["batch_size"])
+    return float(update.square().sum()) / (training["lr"] * steps) ** 2
+
+
 def train_local(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, *, epochs: int,
     steps: int | None, batch_size: int, lr: float, momentum: float, weight_decay: float,
@@ -20,8 +32,7 @@ def train_local(
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     n = len(indices)
-    per_epoch = -(-n // batch_size)
-    total = steps if steps is not None else epochs * per_epoch
+    total = local_steps(n, epochs=epochs, steps=steps, batch_size=batch_size)
     loss_sum, done = torch.zeros((), device=x.device), 0
     while done < total:
         perm = torch.randperm(n, generator=generator)

@@ -154,6 +154,7 @@ class CompressedFedAvg(Strategy):
             train_loss=float(metrics["train-loss"]),
             compute_s=float(metrics["compute-s"]),
             ratio=self._ratios.get(node),
+            grad_sq_norm=float(metrics["grad-sq-norm"]),
         )
 
     def aggregate_train(
@@ -172,6 +173,7 @@ class CompressedFedAvg(Strategy):
         num_examples = sum(c.num_examples for c in stats.clients)
         step = self.apply_update(total / num_examples)
         self.history.update_norms.append(float(step.norm()))
+        self.history.grad_sq_norms.append(stats.grad_sq_norm)
         if self.downlink == "model":
             self._global += step
         else:

@@ -16,6 +16,8 @@ class ClientRound:
     train_loss: float
     compute_s: float
     ratio: float | None = None  # the sparsification ratio a controller gave this client
+    # ||local update||^2 / (lr x local steps)^2: the squared norm of the mean local gradient
+    grad_sq_norm: float = float("nan")
 
 
 @dataclass
@@ -32,10 +34,17 @@ class RoundStats:
     def bytes_down(self) -> int:
         return sum(c.bytes_down for c in self.clients)
 
+    def _weighted_mean(self, values: list[float]) -> float:
+        n = sum(c.num_examples for c in self.clients)
+        return sum(v * c.num_examples for v, c in zip(values, self.clients)) / n if n else float("nan")
+
     @property
     def train_loss(self) -> float:
-        n = sum(c.num_examples for c in self.clients)
-        return sum(c.train_loss * c.num_examples for c in self.clients) / n if n else float("nan")
+        return self._weighted_mean([c.train_loss for c in self.clients])
+
+    @property
+    def grad_sq_norm(self) -> float:
+        return self._weighted_mean([c.grad_sq_norm for c in self.clients])
 
     def per_client(self) -> dict[str, dict]:
         return {str(c.partition_id): {k: v for k, v in asdict(c).items() if k != "partition_id"} for c in self.clients}
