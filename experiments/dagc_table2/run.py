@@ -57,6 +57,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=300)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--skews", type=float, nargs="+", default=[10.0, 100.0, 1000.0])
+    ap.add_argument("--means", type=float, nargs="+", default=[0.1, 0.01, 0.001])
     ap.add_argument("--steps", type=int, default=1, help="local SGD steps per round")
     ap.add_argument("--jobs", type=int, default=1, help="runs in parallel (one thread each)")
     ap.add_argument("--set", nargs="*", default=[], metavar="OVERRIDE",
@@ -65,7 +66,7 @@ def main() -> None:
     runs, cells = {}, []
     shared: dict[tuple[float, float], list[int]] = {}
     for skew in args.skews:
-        for mean in (0.1, 0.01, 0.001):
+        for mean in args.means:
             for seed in args.seeds:
                 base = ["dataset=fmnist", "model=cnn4", "simulation.num_clients=10", "partition=volume_skew",
                         f"partition.skew_ratio={skew}", "partition.label_alpha=0.5", "compressor=topk",

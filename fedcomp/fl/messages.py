@@ -10,7 +10,7 @@ PAYLOAD = "payload"
 KIND = "kind"
 VERSION = "version"
 CONFIG = "config"  # ConfigRecord: round number and local-training settings
-METRICS = "metrics"  # MetricRecord: num-examples, train-loss, compute-s, partition-id
+METRICS = "metrics"  # MetricRecord: num-examples, train-loss, compute-s, partition-id, grad-sq-norm
 
 # Downlink payload kinds.
 MODEL = "model"  # the global model, coded by the downlink compressor (downlink: model)
