@@ -115,13 +115,13 @@ class AdapTopK(RatioController):
         if isinstance(t_hat, str) and t_hat != "lemma":
             raise ValueError(f"t_hat must be a number of rounds, null or 'lemma', got {t_hat!r}")
         self.ratio, self.gamma, self.total_rounds = ratio, gamma, total_rounds
-        self.estimate = t_hat == "lemma"
-        if self.estimate:
+        estimate = t_hat == "lemma"
+        if estimate:
             if not 2 <= estimate_rounds <= total_rounds // 2:
                 raise ValueError(f"estimate_rounds must be in [2, T/2], got {estimate_rounds}")
             self.log_b = log_contraction(lr, mu, ratio, error_compensation)
         self.estimate_rounds = estimate_rounds
-        self.t_hat: float | None = None if self.estimate else (total_rounds / 2 if t_hat is None else float(t_hat))
+        self.t_hat: float | None = None if estimate else (total_rounds / 2 if t_hat is None else float(t_hat))
         self.fit: tuple[float, float] | None = None  # (alpha, beta) once estimated
 
     def ratios(self, server_round: int, clients: list[int], history: History) -> dict[int, float]:

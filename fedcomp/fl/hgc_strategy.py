@@ -185,10 +185,15 @@ class HGCStrategy(CompressedFedAvg):
         return ArrayRecord(self._state), MetricRecord({"train-loss": stats.train_loss, "num-examples": sum(sizes)})
 
     def _round_time(self, stats: RoundStats, replies: list[Message]) -> float:
-        net = self.network
+        """Members train while the owner works, but compress only once the mask, relayed after
+        the owner's upload, has reached them (own masks: a plain synchronous round)."""
         if self._owner is None:
-            return net.round_time({c.partition_id: (c.bytes_up, c.bytes_down, c.compute_s) for c in stats.clients})
-        party = lambda c: (net.links[c.partition_id], c.bytes_up, c.bytes_down, c.compute_s)
+            return self.round_time(stats)
+        net = self.network
+
+        def party(c):
+            return net.links[c.partition_id], c.bytes_up, c.bytes_down, c.compute_s
+
         by_node = {r.metadata.src_node_id: c for c, r in zip(stats.clients, replies)}
         owner = by_node.pop(self._owner)
         return shared_mask_round_time(party(owner), [party(c) for c in by_node.values()], len(self._mask_blob or b""), net.compute_scale)

@@ -157,6 +157,10 @@ class CompressedFedAvg(Strategy):
             grad_sq_norm=float(metrics["grad-sq-norm"]),
         )
 
+    def round_time(self, stats: RoundStats) -> float:
+        """Simulated length of a synchronous round: its slowest client's exchange."""
+        return self.network.round_time({c.partition_id: (c.bytes_up, c.bytes_down, c.compute_s) for c in stats.clients})
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -181,9 +185,7 @@ class CompressedFedAvg(Strategy):
             self._pending = self.down.compress(step)
             self._global += self.down.decompress(self._pending)
             self._version += 1
-        stats.sim_time_s = self.network.round_time(
-            {c.partition_id: (c.bytes_up, c.bytes_down, c.compute_s) for c in stats.clients}
-        )
+        stats.sim_time_s = self.round_time(stats)
         self.rounds[server_round] = stats
         self._layout.load(self._state, self._global)
         return ArrayRecord(self._state), MetricRecord({"train-loss": stats.train_loss, "num-examples": num_examples})
