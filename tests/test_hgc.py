@@ -14,8 +14,10 @@ from fedcomp.fl.runtime import get_runtime
 from fedcomp.fl.server_app import build_strategy
 from fedcomp.hgc.codec import Entry, decode_uplink, encode_uplink, entry_mask, entry_values
 from fedcomp.hgc.predictor import Predictor, xor_residue
-from fedcomp.hgc.quantizer import dequantize_levels, quantize_levels
+from fedcomp.hgc.quantizer import dequantize_levels, dequantize_segments, quantize_levels, quantize_segments
 from fedcomp.hgc.schedule import lr_step_adjusted_ratio, warmup_ratio
+from fedcomp.hgc.segments import Segments
+from fedcomp.wire import PayloadError
 
 
 @settings(max_examples=100, deadline=None)
@@ -61,38 +63,73 @@ def test_xor_residue_round_trip_and_prediction_helps(bits, seed):
     mask = torch.arange(0, 500, 2)
     x = (base + 0.1 * torch.randn(500, generator=g))[mask]
     symbols, _ = quantize_levels(x, bits)
-    predicted = pred.predicted_symbols(mask, bits)
+    predicted = pred.predicted_symbols(mask, bits, np.array([0, len(mask)]))
     residue = xor_residue(symbols, predicted)
     assert np.array_equal(xor_residue(residue, predicted), symbols)
     assert entropy(residue) < 0.8 * entropy(symbols)  # a correlated prediction lowers the entropy
 
 
-def test_uplink_payload_decodes_to_exactly_what_the_client_computed():
+@pytest.mark.parametrize("scope, exempt", [("model", (0, 0)), ("layerwise", (0, 0)), ("model", (1, 2)), ("layerwise", (1, 1))])
+def test_uplink_payload_decodes_to_exactly_what_the_client_computed(scope, exempt):
     rng = torch.Generator().manual_seed(0)
-    d, bits = 2000, 2
+    sizes, bits = [300, 1000, 40, 660], 2
+    segments = Segments.of(sizes, scope, *exempt)
+    d = segments.numel
     client, server = Predictor(), Predictor()
     for _ in range(2):
         g = torch.randn(d, generator=rng)
         client.observe(g)
         server.observe(g)
     x = torch.randn(d, generator=rng)
-    mask = torch.topk(x.abs(), 40).indices.sort().values
-    symbols, levels = quantize_levels(x[mask], bits)
-    sent = dequantize_levels(symbols, levels)
-    residue = xor_residue(symbols, client.predicted_symbols(mask, bits))
+    mask = segments.select(x, 0.02)
+    cuts = segments.cuts(mask)
+    symbols, levels = quantize_segments(x[mask], cuts, bits)
+    assert levels.shape == (segments.count, 4)
+    sent = dequantize_segments(symbols, levels, cuts)
+    residue = xor_residue(symbols, client.predicted_symbols(mask, bits, cuts))
     payload = encode_uplink(Entry(bits, levels, residue, True, encode_indices(mask.numpy(), d)), d, deflate=False)
     entry, numel = decode_uplink(payload)
     got_mask = entry_mask(entry, None, d)
     assert numel == d and torch.equal(got_mask, mask)
-    assert torch.equal(entry_values(entry, got_mask, server), sent)
+    assert torch.equal(entry_values(entry, got_mask, server, segments), sent)
+    with pytest.raises(PayloadError):  # level sets for another segmentation
+        entry_values(entry, got_mask, server, Segments.of(sizes) if segments.count > 1 else Segments.of(sizes, "layerwise"))
 
 
-def test_momentum_changes_after_the_lr_step_window(fast_cfg):
-    strategy, _ = run_hgc(fast_cfg, 2, "strategy.momentum=0.9", "strategy.momentum_after_lr_step=0.5",
+def test_segments_select_top_k_per_sparse_segment_and_dense_segments_whole():
+    sizes = [10, 100, 200, 5]
+    x = torch.randn(315, generator=torch.Generator().manual_seed(1))
+    model = Segments.of(sizes)
+    assert model.count == 1 and torch.equal(model.select(x, 0.1), torch.topk(x.abs(), 32).indices.sort().values)
+    layer = Segments.of(sizes, "layerwise")
+    mask = layer.select(x, 0.1)
+    assert layer.count == 4 and np.diff(layer.cuts(mask)).tolist() == [1, 10, 20, 1]
+    for (lo, hi), (a, b) in zip(zip(layer.bounds, layer.bounds[1:]), zip(layer.cuts(mask), layer.cuts(mask)[1:])):
+        assert torch.equal(mask[a:b], torch.topk(x[lo:hi].abs(), b - a).indices.sort().values + lo)
+    soff = Segments.of(sizes, "model", 1, 2)  # SOFF's ResNet exemption: first tensor, last two
+    assert soff.dense == (True, False, True, True) and soff.bounds == (0, 10, 110, 310, 315)
+    mask = soff.select(x, 0.1)
+    assert set(range(10)) <= set(mask.tolist()) and set(range(110, 315)) <= set(mask.tolist())
+    assert np.diff(soff.cuts(mask)).tolist() == [10, 10, 200, 5]
+    with pytest.raises(ValueError):
+        Segments.of(sizes, "model", 3, 2)
+
+
+def test_two_beta_predictor_uses_beta2_for_the_second_moment():
+    g = torch.tensor([1.0, -2.0])
+    one, two = Predictor(0.8), Predictor(0.8, beta2=0.9)
+    one.observe(g)
+    two.observe(g)
+    assert torch.equal(one.u, two.u) and torch.allclose(one.v, 0.2 * g.double() ** 2) and torch.allclose(two.v, 0.1 * g.double() ** 2)
+
+
+def test_client_momentum_changes_after_the_lr_step_window(fast_cfg):
+    strategy, _ = run_hgc(fast_cfg, 2, "train.momentum=0.9", "strategy.momentum_after_lr_step=0.5",
                           "train.lr_milestones=[0.5]", "strategy.lr_step_window=1")
-    step = strategy.lr_schedule.step_rounds[0]
-    assert strategy.momentum_at(step) == 0.9 and strategy.momentum_at(step + 1) == 0.9
-    assert strategy.momentum_at(step + 2) == 0.5
+    step = strategy.schedule.lr_steps[0]
+    assert strategy.local_momentum(step) == 0.9 and strategy.local_momentum(step + 1) == 0.9
+    assert strategy.local_momentum(step + 2) == 0.5
+    assert strategy.resets_before(step + 1) == 0 and strategy.resets_before(step + 2) == 1
 
 
 def test_resync_carries_model_predictor_and_velocity():
@@ -132,7 +169,13 @@ def client_buffers(ctx):
     return {k: ctx.state[M.HGC_STATE][k].numpy() for k in ("u", "v")}
 
 
-@pytest.mark.parametrize("extra", [(), ("strategy.momentum=0.9", "strategy.momentum_after_lr_step=0.5", "train.lr_milestones=[0.5]")])
+@pytest.mark.parametrize("extra", [
+    (),
+    ("strategy.server_momentum=0.9", "strategy.momentum_after_lr_step=0.5", "train.lr_milestones=[0.5]"),
+    ("strategy.broadcast=paper", "strategy.beta2=0.95"),
+    ("strategy.broadcast=paper", "strategy.mask_policy=own", "strategy.scope=layerwise"),
+    ("strategy.scope=layerwise", "strategy.exempt_first=1", "strategy.exempt_last=1", "strategy.mask_policy=own"),
+])
 def test_predictor_buffers_and_models_identical_on_both_ends(fast_cfg, extra):
     strategy, grid = run_hgc(fast_cfg, 12, "strategy.bits=2", *extra)
     server_u, server_v = strategy.predictor.u.numpy(), strategy.predictor.v.numpy()
@@ -140,11 +183,11 @@ def test_predictor_buffers_and_models_identical_on_both_ends(fast_cfg, extra):
     from fedcomp.fl.hgc_client import synchronise
 
     for ctx in grid._contexts.values():
-        pred = Predictor(strategy.beta, strategy.eps)
+        pred = strategy.settings.predictor()
         pred.load_state({k: torch.from_numpy(v) for k, v in client_buffers(ctx).items()})
-        rec = {M.KIND: M.DELTA, M.PAYLOAD: strategy._pending, M.VERSION: strategy._version,
-               "server-lr": strategy.server_lr, "relay-momentum": strategy._relay_momentum}
-        w, velocity = synchronise(rec, ctx.state, pred)
+        rec = {M.KIND: M.DELTA, M.PAYLOAD: strategy._pending, M.VERSION: strategy._version, "broadcast": strategy.settings.broadcast,
+               "server-lr": strategy.server_lr, "server-momentum": strategy.server_momentum}
+        w, velocity = synchronise(rec, ctx.state, pred, strategy.segments)
         assert np.array_equal(pred.u.numpy(), server_u) and np.array_equal(pred.v.numpy(), server_v)
         assert torch.equal(w, strategy._global) and torch.equal(velocity, strategy.velocity)
     assert np.abs(server_u).sum() > 0

@@ -111,12 +111,14 @@ def test_multirun_sweep_gives_each_job_its_own_dir(tmp_path):
 
 def test_ray_backend_matches_inline(fast_cfg, tmp_path):
     """Flower's simulation engine and the inline Grid run the same apps: same bytes, same model,
-    with client state (error feedback, model replicas) kept in Flower's node Contexts."""
+    with client state (error feedback, model replicas, persistent momentum) kept in Flower's
+    node Contexts."""
     from fedcomp.fl.engine import run_experiment
 
-    cfg = fast_cfg("simulation.backend=ray", "simulation.client_cpus=1", "compressor=topk_bidirectional", "num_rounds=3")
+    stateful = ("compressor=topk_bidirectional", "num_rounds=3", "train.optimizer_state=persistent", "train.momentum=0.9")
+    cfg = fast_cfg("simulation.backend=ray", "simulation.client_cpus=1", *stateful)
     ray_summary = run_experiment(cfg, tmp_path / "ray")
-    inline_summary = run_inline(fast_cfg("compressor=topk_bidirectional", "num_rounds=3"), tmp_path / "inline")
+    inline_summary = run_inline(fast_cfg(*stateful), tmp_path / "inline")
     for key in ("total_bytes_up", "total_bytes_down", "rounds"):
         assert ray_summary[key] == inline_summary[key]
     assert ray_summary["final_accuracy"] == pytest.approx(inline_summary["final_accuracy"], abs=1e-6)
@@ -154,7 +156,8 @@ def test_flwr_run_gives_the_same_run_as_inline(tmp_path):
     from fedcomp.config import compose_config
 
     root = Path(__file__).parents[1]
-    overrides = "dataset=synthetic simulation.num_clients=2 num_rounds=2 progress=false"
+    overrides = ("dataset=synthetic simulation.num_clients=2 num_rounds=3 progress=false compressor=topk "
+                 "train.optimizer_state=persistent train.momentum=0.9")
     flwr = shutil.which("flwr", path=str(Path(sys.executable).parent))
     proc = subprocess.run(
         [flwr, "run", ".", "--stream", "--run-config", f'overrides="{overrides}" output-dir="{tmp_path / "flwr"}"'],

@@ -44,6 +44,12 @@ class Compressor(ABC):
         """Use this sparsification ratio from now on (ratio controllers)."""
         raise ValueError(f"compressor {self.name!r} has no sparsification ratio to control")
 
+    def take_momentum(self, momentum: float) -> bool:
+        """Offered the round's local SGD momentum: a compressor that applies momentum itself
+        (DGC's momentum correction) takes it and returns True, and the client then trains
+        without optimizer momentum. Others return False."""
+        return False
+
 
 def check_finite(x: torch.Tensor) -> None:
     """Refuse NaN/Inf: they would poison the aggregate silently on the other side."""

@@ -8,7 +8,13 @@ Per client and round, on the update g it is given:
 The accumulation v is DGC's error feedback, so do not also wrap it in ``error_feedback``.
 Warm-up: the ratio falls exponentially from 25% to ``ratio`` over ``warmup_rounds`` rounds
 (``fedcomp.hgc.schedule.warmup_ratio``, the schedule HGC's paper applies to every sparsifier).
-Use it with local momentum 0 (train.momentum) since the momentum lives here.
+
+Momentum correction *is* DGC's momentum: it replaces the optimizer's. ``momentum`` fixed
+(default 0.9) assumes local SGD without momentum (``train.momentum: 0``); ``momentum: null``
+takes each round's local momentum from the training schedule (``train.momentum``,
+``train.momentum_ramp``) and the client then trains without optimizer momentum, so DGC runs on
+the same recipe as methods whose momentum lives in the optimizer. u accumulates updates (lr
+already applied), so after a learning-rate step its older terms carry the earlier rate.
 """
 
 from __future__ import annotations
@@ -48,11 +54,19 @@ class _DGCSelector:
 
 @register("dgc")
 class DGC(Recipe):
-    def __init__(self, ratio: float = 0.001, momentum: float = 0.9, clip_norm: float | None = None, warmup_rounds: int = 0) -> None:
-        super().__init__(_DGCSelector(ratio, momentum, clip_norm, warmup_rounds), Float32Values())
+    def __init__(self, ratio: float = 0.001, momentum: float | None = 0.9, clip_norm: float | None = None, warmup_rounds: int = 0) -> None:
+        if momentum is not None and not 0 <= momentum < 1:
+            raise ValueError(f"DGC momentum must be in [0, 1) or null, got {momentum}")
+        self.follows_schedule = momentum is None
+        super().__init__(_DGCSelector(ratio, momentum or 0.0, clip_norm, warmup_rounds), Float32Values())
 
     def set_round(self, server_round: int) -> None:
         self.selector.round = server_round
+
+    def take_momentum(self, momentum: float) -> bool:
+        if self.follows_schedule:
+            self.selector.momentum = momentum
+        return self.follows_schedule
 
     def state(self) -> dict[str, torch.Tensor]:
         return {"u": self.selector.u, "v": self.selector.v}

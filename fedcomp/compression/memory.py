@@ -46,3 +46,6 @@ class ErrorFeedback(Compressor):
 
     def set_ratio(self, ratio: float) -> None:
         self.inner.set_ratio(ratio)
+
+    def take_momentum(self, momentum: float) -> bool:
+        return self.inner.take_momentum(momentum)

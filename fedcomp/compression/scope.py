@@ -81,3 +81,6 @@ class Layerwise(Compressor):
     def set_ratio(self, ratio: float) -> None:
         for p in self.parts:
             p.set_ratio(ratio)
+
+    def take_momentum(self, momentum: float) -> bool:
+        return all([p.take_momentum(momentum) for p in self.parts])

@@ -54,6 +54,12 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 0.05
     momentum: float = 0.0
+    # [[round, momentum], ...]: from each listed round on, the clients' local momentum (SOFF's
+    # 0 -> 0.3 -> 0.6 -> 0.9 ramp); before the first entry, ``momentum``.
+    momentum_ramp: Optional[list[Any]] = None
+    # fresh: a new optimizer every round (momentum lives within one local run); persistent: each
+    # client keeps its momentum buffers across rounds in its Context (the HGC paper's recipe).
+    optimizer_state: str = "fresh"
     weight_decay: float = 0.0
     # Step schedule: lr x lr_gamma at each milestone (fractions of num_rounds), e.g. [0.5, 0.75].
     lr_milestones: list[float] = field(default_factory=list)
@@ -71,6 +77,10 @@ class TrainConfig:
         _require(self.batch_size >= 1, "train.batch_size", "must be >= 1", self.batch_size)
         _require(self.lr > 0, "train.lr", "must be > 0", self.lr)
         _require(0 <= self.momentum < 1, "train.momentum", "must be in [0, 1)", self.momentum)
+        _require(self.optimizer_state in ("fresh", "persistent"), "train.optimizer_state", "must be fresh or persistent", self.optimizer_state)
+        ramp = self.momentum_ramp or []
+        _require(all(isinstance(e, (list, tuple)) and len(e) == 2 and int(e[0]) == e[0] and e[0] >= 0 and 0 <= e[1] < 1 for e in ramp),
+                 "train.momentum_ramp", "must be [[round >= 0, momentum in [0, 1)], ...]", self.momentum_ramp)
         _require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0", self.weight_decay)
         _require(self.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1", self.eval_batch_size)
         _require(all(0 < m < 1 for m in self.lr_milestones), "train.lr_milestones", "must be fractions in (0, 1)", self.lr_milestones)

@@ -15,7 +15,8 @@ def local_steps(n: int, *, epochs: int, steps: int | None, batch_size: int) -> i
 
 def mean_gradient_sq_norm(update: torch.Tensor, n: int, training: dict) -> float:
     """||update||^2 / (lr x local steps)^2: the squared norm of the mean local gradient of a
-    plain-SGD run (``training``: ``train_local``'s keyword arguments) that produced ``update``."""
+    plain-SGD run (``training``: ``train_local``'s keyword arguments) that produced ``update``.
+    With momentum or weight decay this is the norm of the mean step direction instead."""
     steps = local_steps(n, epochs=training["epochs"], steps=training["steps"], batch_size=training["batch_size"])
     return float(update.square().sum()) / (training["lr"] * steps) ** 2
 
@@ -23,14 +24,24 @@ def mean_gradient_sq_norm(update: torch.Tensor, n: int, training: dict) -> float
 def train_local(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, *, epochs: int,
     steps: int | None, batch_size: int, lr: float, momentum: float, weight_decay: float,
-    generator: torch.Generator,
+    generator: torch.Generator, momentum_buffers: dict[str, torch.Tensor] | None = None,
 ) -> float:
     """Run SGD on the samples ``indices`` of (x, y): ``steps`` mini-batches if given, else
     ``epochs`` passes. Batches come from a fresh permutation per pass and are gathered from
     the shared dataset tensors, so no per-client copy of the data is made.
+
+    ``momentum_buffers`` (parameter name -> buffer) carries the optimizer's momentum across
+    calls: it is loaded before the first step and updated in place afterwards (CPU tensors).
+    A missing buffer starts at zero, which for SGD without dampening is exactly PyTorch's
+    first-step initialisation. Without it, momentum lives for this call only.
     Returns the mean training loss."""
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    carried = momentum_buffers is not None and momentum > 0
+    if carried:
+        for name, p in model.named_parameters():
+            if name in momentum_buffers:
+                opt.state[p]["momentum_buffer"] = momentum_buffers[name].to(p.device, copy=True)
     n = len(indices)
     total = local_steps(n, epochs=epochs, steps=steps, batch_size=batch_size)
     loss_sum, done = torch.zeros((), device=x.device), 0
@@ -46,6 +57,10 @@ def train_local(
             opt.step()
             loss_sum += loss.detach()
             done += 1
+    if carried:
+        for name, p in model.named_parameters():
+            if (buf := opt.state[p].get("momentum_buffer")) is not None:
+                momentum_buffers[name] = buf.detach().cpu()
     return float(loss_sum) / max(total, 1)
 
 

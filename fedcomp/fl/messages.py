@@ -12,6 +12,13 @@ VERSION = "version"
 CONFIG = "config"  # ConfigRecord: round number and local-training settings
 METRICS = "metrics"  # MetricRecord: num-examples, train-loss, compute-s, partition-id, grad-sq-norm
 
+# Round-config keys (CONFIG) the server sets.
+ROUND = "server-round"
+LR = "lr"
+MOMENTUM = "momentum"  # the clients' local SGD momentum this round
+RATIO = "ratio"  # a ratio controller's sparsification ratio for this client
+RESETS = "resets"  # how many state resets (HGC Sec. 3.2) the server has ordered so far
+
 # Downlink payload kinds.
 MODEL = "model"  # the global model, coded by the downlink compressor (downlink: model)
 FULL = "full"  # the global model in fp32, to (re)synchronise a client's replica (downlink: update)
@@ -19,9 +26,11 @@ DELTA = "delta"  # the last global update, coded by the downlink compressor (dow
 
 # Client Context.state records.
 UP_STATE = "fedcomp.up.state"  # ArrayRecord: the uplink compressor's state (error feedback, ...)
+OPT_STATE = "fedcomp.optimizer"  # ArrayRecord: local SGD momentum buffers (train.optimizer_state: persistent)
+RESETS_SEEN = "fedcomp.resets"  # ConfigRecord {"resets": int}: the last reset this client applied
 REPLICA = "fedcomp.replica"  # ArrayRecord {"w": flat model}: the client's copy (downlink: update)
 REPLICA_VERSION = "fedcomp.replica.version"  # ConfigRecord {"version": int}
 
 # HGC (fl/hgc_strategy.py, fl/hgc_client.py).
 HGC = "fedcomp.hgc"  # ConfigRecord: the round's HGC instructions and downlink
-HGC_STATE = "fedcomp.hgc.state"  # client ArrayRecord: u, v, velocity, memory, mask
+HGC_STATE = "fedcomp.hgc.state"  # client ArrayRecord: u, v, velocity, mask (EF memory is in UP_STATE)

@@ -21,8 +21,8 @@ from omegaconf import DictConfig
 from fedcomp.compression import build
 from fedcomp.fl.client_app import config_from_overrides
 from fedcomp.fl.local import evaluate
-from fedcomp.fl.lr_schedule import LRSchedule
 from fedcomp.fl.runtime import Runtime, get_runtime
+from fedcomp.fl.schedule import TrainSchedule
 from fedcomp.metrics import MetricsRecorder, RoundStats
 from fedcomp.network import NetworkModel
 from fedcomp.progress import RoundProgress
@@ -30,7 +30,7 @@ from fedcomp.progress import RoundProgress
 
 def build_strategy(cfg: DictConfig, rt: Runtime) -> Strategy:
     """The configured strategy class with what the runner supplies: compressors, network
-    model, sampling fraction, seed, downlink mode and learning-rate schedule."""
+    model, sampling fraction, seed, downlink mode and the local-training schedule."""
     # _partial_: Hydra would turn the objects passed below into configs.
     return instantiate(cfg.strategy, _partial_=True)(
         up=rt.compressor("up"),
@@ -39,7 +39,7 @@ def build_strategy(cfg: DictConfig, rt: Runtime) -> Strategy:
         fraction=cfg.simulation.fraction,
         seed=cfg.seed,
         downlink=cfg.compressor.downlink,
-        lr_schedule=LRSchedule.from_config(cfg.train, cfg.num_rounds),
+        schedule=TrainSchedule.from_config(cfg.train, cfg.num_rounds),
         controller=instantiate(cfg.controller) if cfg.controller.get("_target_") else None,
         weights=rt.partition.weights,
     )

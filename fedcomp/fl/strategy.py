@@ -32,7 +32,7 @@ from flwr.serverapp.strategy import Strategy
 from fedcomp.allocation.controllers import History, RatioController
 from fedcomp.compression import Compressor, build
 from fedcomp.fl import messages as M
-from fedcomp.fl.lr_schedule import LRSchedule
+from fedcomp.fl.schedule import TrainSchedule
 from fedcomp.metrics import ClientRound, RoundStats
 from fedcomp.models import StateLayout
 from fedcomp.network import NetworkModel
@@ -43,7 +43,7 @@ DOWNLINK_MODES = ("model", "update")
 class CompressedFedAvg(Strategy):
     def __init__(
         self, *, up: Compressor, down: Compressor, network: NetworkModel, fraction: float = 1.0,
-        seed: int = 0, server_lr: float = 1.0, downlink: str = "model", lr_schedule: LRSchedule | None = None,
+        seed: int = 0, server_lr: float = 1.0, downlink: str = "model", schedule: TrainSchedule | None = None,
         controller: RatioController | None = None, weights: np.ndarray | None = None,
     ) -> None:
         if downlink not in DOWNLINK_MODES:
@@ -55,7 +55,7 @@ class CompressedFedAvg(Strategy):
         self.fraction = fraction
         self.seed = seed
         self.server_lr = server_lr
-        self.lr_schedule = lr_schedule or LRSchedule(base=float("nan"))
+        self.schedule = schedule or TrainSchedule(base=float("nan"))
         self.controller = controller
         self.history = History(weights=np.asarray(weights if weights is not None else []))
         self._partition_of: dict[int, int] = {}  # node -> partition id
@@ -100,9 +100,22 @@ class CompressedFedAvg(Strategy):
         self._ratios = {n: float(by_partition[self._partition_of[n]]) for n in nodes}
         return self._ratios
 
+    def local_momentum(self, server_round: int) -> float:
+        """The clients' local SGD momentum this round (the training schedule's)."""
+        return self.schedule.momentum_at(server_round)
+
+    def resets_before(self, server_round: int) -> int:
+        """How many client-state resets (error feedback and momentum cleared) have been
+        ordered up to this round; none for FedAvg (HGC orders them, Sec. 3.2)."""
+        return 0
+
     def round_config(self, config: ConfigRecord, server_round: int) -> ConfigRecord:
-        """What every client is told this round: the round and its local learning rate."""
-        return ConfigRecord({**config, "server-round": server_round, "lr": self.lr_schedule.lr(server_round)})
+        """What every client is told this round: the round, its learning rate and momentum,
+        and the resets ordered so far (when any)."""
+        out = {**config, M.ROUND: server_round, M.LR: self.schedule.lr(server_round), M.MOMENTUM: self.local_momentum(server_round)}
+        if resets := self.resets_before(server_round):
+            out[M.RESETS] = resets
+        return ConfigRecord(out)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -117,7 +130,7 @@ class CompressedFedAvg(Strategy):
         messages = []
         for node_id, down in zip(nodes, self._downlink_records(nodes)):
             self._down_bytes[node_id] = len(down[M.PAYLOAD])
-            node_config = ConfigRecord({**config, "ratio": ratios[node_id]}) if node_id in ratios else config
+            node_config = ConfigRecord({**config, M.RATIO: ratios[node_id]}) if node_id in ratios else config
             content = RecordDict({M.DOWN: down, M.CONFIG: node_config})
             messages.append(Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN))
         return messages

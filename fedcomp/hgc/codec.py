@@ -3,19 +3,27 @@
 One client's entry (its uplink payload body, and its part of the downlink relay)::
 
     flags u8 (bit 0: carries a mask, bit 1: symbols are XOR residues against the prediction)
-    bits u8 (q) | [mask blob length u64 | Rice-coded mask] | 2^q level means f32
-    symbol stream length u64 | symbol stream (``fedcomp.coding.encode_symbols``)
+    bits u8 (q) | segments u32 | [mask blob length u64 | Rice-coded mask]
+    segments x 2^q level means f32 | symbol stream length u64 | symbol stream
+    (``fedcomp.coding.encode_symbols``)
 
-Uplink payload: frame "hgc" of shape (d,) around one entry. Downlink payload: frame
-"hgc.relay" around  n u32 | n weights f32 | n x (length u64 | entry), the round's entries in
-aggregation order with the shared mask left out (every participant already holds it). The
-relay is a lossless coding of the aggregated gradient: a client rebuilds exactly the g~ the
-server applied, without the server re-sparsifying or re-quantizing it.
+Uplink payload: frame "hgc" of shape (d,) around one entry. Downlinks:
+
+  relay (default)  frame "hgc.relay" around  n u32 | n weights f32 | n x (length u64 | entry),
+                   the round's entries in aggregation order with the shared mask left out
+                   (every participant already holds it). A lossless coding of the aggregated
+                   gradient: a client rebuilds exactly the g~ the server applied, without the
+                   server re-sparsifying or re-quantizing it.
+  paper            frame "hgc.paper": what the paper's server broadcasts -- g~ on the mask as
+                   fp32, deflated:  flags u8 (bit 0: a Rice-coded mask follows, for own masks)
+                   | [mask length u64 | mask] | zlib(fp32 values). The server applies the
+                   fp32-rounded g~ itself, so both ends still hold the same model.
 """
 
 from __future__ import annotations
 
 import struct
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,12 +31,13 @@ import torch
 
 from fedcomp.coding import decode_indices, decode_symbols, encode_symbols
 from fedcomp.hgc.predictor import Predictor, xor_residue
-from fedcomp.hgc.quantizer import dequantize_levels
+from fedcomp.hgc.quantizer import dequantize_segments
+from fedcomp.hgc.segments import Segments
 from fedcomp.wire import PayloadError, pack_frame, unpack_frame
 
 HAS_MASK, PREDICTIVE = 1, 2
 _U64 = struct.Struct("<Q")
-_HEAD = struct.Struct("<BB")
+_HEAD = struct.Struct("<BBI")
 
 
 @dataclass
@@ -36,7 +45,7 @@ class Entry:
     """One client's quantized, sparsified gradient as it travels."""
 
     bits: int
-    levels: np.ndarray  # float32, 2^bits
+    levels: np.ndarray  # float32, (segments, 2^bits)
     symbols: np.ndarray  # int64 residues (predictive) or level symbols
     predictive: bool
     mask_blob: bytes | None = None  # Rice-coded mask, when this entry carries one
@@ -44,7 +53,7 @@ class Entry:
     def to_bytes(self, deflate: bool = False, with_mask: bool = True) -> bytes:
         mask = self.mask_blob if with_mask else None
         flags = (HAS_MASK if mask is not None else 0) | (PREDICTIVE if self.predictive else 0)
-        out = bytearray(_HEAD.pack(flags, self.bits))
+        out = bytearray(_HEAD.pack(flags, self.bits, len(self.levels)))
         if mask is not None:
             out += _U64.pack(len(mask)) + mask
         stream = encode_symbols(self.symbols, 1 << self.bits, deflate)
@@ -60,7 +69,7 @@ def _take(data: memoryview, pos: int, n: int, what: str) -> tuple[memoryview, in
 
 def parse_entry(data: memoryview) -> Entry:
     head, pos = _take(data, 0, _HEAD.size, "entry header")
-    flags, bits = _HEAD.unpack(head)
+    flags, bits, segments = _HEAD.unpack(head)
     if flags & ~(HAS_MASK | PREDICTIVE) or not 1 <= bits <= 8:
         raise PayloadError(f"bad HGC entry header (flags {flags}, bits {bits})")
     mask_blob = None
@@ -68,8 +77,8 @@ def parse_entry(data: memoryview) -> Entry:
         raw, pos = _take(data, pos, _U64.size, "mask length")
         mask, pos = _take(data, pos, _U64.unpack(raw)[0], "mask")
         mask_blob = bytes(mask)
-    raw, pos = _take(data, pos, 4 << bits, "levels")
-    levels = np.frombuffer(raw, dtype="<f4").astype(np.float32)
+    raw, pos = _take(data, pos, (4 << bits) * segments, "levels")
+    levels = np.frombuffer(raw, dtype="<f4").astype(np.float32).reshape(segments, 1 << bits)
     if not np.isfinite(levels).all():
         raise PayloadError("HGC level means are not finite")
     raw, pos = _take(data, pos, _U64.size, "symbol length")
@@ -114,6 +123,43 @@ def decode_relay(payload: bytes) -> tuple[list[Entry], np.ndarray, int]:
     return entries, weights, frame.numel
 
 
+def encode_broadcast(values: torch.Tensor, d: int, mask_blob: bytes | None) -> bytes:
+    """The paper's downlink: fp32 values of g~ on the mask, deflated (mask included for own masks)."""
+    body = bytearray([1 if mask_blob is not None else 0])
+    if mask_blob is not None:
+        body += _U64.pack(len(mask_blob)) + mask_blob
+    body += zlib.compress(values.float().numpy().astype("<f4").tobytes(), 9)
+    return pack_frame("hgc.paper", torch.float32, (d,), bytes(body))
+
+
+def decode_broadcast(payload: bytes, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(mask, fp32 values, d); ``mask`` is the shared mask the receiver holds, unless the
+    broadcast carries one."""
+    frame = unpack_frame(payload, expect="hgc.paper")
+    data = memoryview(frame.body)
+    head, pos = _take(data, 0, 1, "broadcast flags")
+    if head[0] > 1:
+        raise PayloadError(f"bad HGC broadcast flags {head[0]}")
+    if head[0]:
+        raw, pos = _take(data, pos, _U64.size, "broadcast mask length")
+        blob, pos = _take(data, pos, _U64.unpack(raw)[0], "broadcast mask")
+        mask = torch.from_numpy(decode_indices(bytes(blob), frame.numel))
+    elif mask is None:
+        raise PayloadError("HGC broadcast without a mask, and no shared mask known")
+    expected = 4 * len(mask)
+    inflater = zlib.decompressobj()
+    try:
+        raw = inflater.decompress(bytes(data[pos:]), expected)
+    except zlib.error as exc:
+        raise PayloadError(f"corrupt HGC broadcast values: {exc}") from None
+    if len(raw) != expected or not inflater.eof or inflater.unconsumed_tail or inflater.unused_data:
+        raise PayloadError(f"HGC broadcast does not hold {len(mask)} fp32 values")
+    values = torch.from_numpy(np.frombuffer(raw, dtype="<f4").astype(np.float32))
+    if not torch.isfinite(values).all():
+        raise PayloadError("HGC broadcast values are not finite")
+    return mask, values, frame.numel
+
+
 def entry_mask(entry: Entry, shared: torch.Tensor | None, d: int) -> torch.Tensor:
     """The coordinates an entry's values sit on: its own mask, else the round's shared one."""
     if entry.mask_blob is not None:
@@ -123,25 +169,36 @@ def entry_mask(entry: Entry, shared: torch.Tensor | None, d: int) -> torch.Tenso
     return shared
 
 
-def entry_values(entry: Entry, mask: torch.Tensor, predictor: Predictor) -> torch.Tensor:
-    """Undo the XOR residue (with the prediction on ``mask``) and dequantize."""
+def entry_values(entry: Entry, mask: torch.Tensor, predictor: Predictor, segments: Segments) -> torch.Tensor:
+    """Undo the XOR residue (with the prediction on ``mask``) and dequantize, segment by segment."""
     if len(entry.symbols) != len(mask):
         raise PayloadError(f"HGC entry has {len(entry.symbols)} values for a mask of {len(mask)}")
+    if len(entry.levels) != segments.count:
+        raise PayloadError(f"HGC entry has {len(entry.levels)} level sets for {segments.count} segments")
+    cuts = segments.cuts(mask)
     symbols = entry.symbols
     if entry.predictive:
-        symbols = xor_residue(symbols, predictor.predicted_symbols(mask, entry.bits))
+        symbols = xor_residue(symbols, predictor.predicted_symbols(mask, entry.bits, cuts))
     if symbols.size and symbols.max() >= (1 << entry.bits):
         raise PayloadError("HGC symbol outside its levels")
-    return dequantize_levels(symbols, entry.levels)
+    return dequantize_segments(symbols, entry.levels, cuts)
 
 
-def aggregate_entries(entries: list[Entry], weights: np.ndarray, shared: torch.Tensor | None, predictor: Predictor, d: int) -> torch.Tensor:
-    """Undo each entry's residue on its mask (own, else ``shared``) and aggregate them."""
+def aggregate_entries(
+    entries: list[Entry], weights: np.ndarray, shared: torch.Tensor | None, predictor: Predictor, segments: Segments,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Undo each entry's residue on its mask (own, else ``shared``) and aggregate them:
+    (g~, the union of the masks)."""
+    d = segments.numel
     parts = []
     for entry in entries:
         mask = entry_mask(entry, shared, d)
-        parts.append((mask, entry_values(entry, mask, predictor)))
-    return aggregate(parts, weights, d)
+        parts.append((mask, entry_values(entry, mask, predictor, segments)))
+    if shared is not None:
+        union = shared
+    else:
+        union = torch.unique(torch.cat([m for m, _ in parts])) if parts else torch.zeros(0, dtype=torch.int64)
+    return aggregate(parts, weights, d), union
 
 
 def aggregate(parts: list[tuple[torch.Tensor, torch.Tensor]], weights: np.ndarray, d: int) -> torch.Tensor:
@@ -151,6 +208,11 @@ def aggregate(parts: list[tuple[torch.Tensor, torch.Tensor]], weights: np.ndarra
     for (mask, values), w in zip(parts, weights.astype(np.float64)):
         g.index_add_(0, mask, values.double() * float(w))
     return g
+
+
+def on_mask(values: torch.Tensor, mask: torch.Tensor, d: int) -> torch.Tensor:
+    """A dense float64 vector holding ``values`` at ``mask`` (the paper broadcast's g~)."""
+    return torch.zeros(d, dtype=torch.float64).index_put_((mask,), values.double())
 
 
 SYNC_BUFFERS = ("u", "v", "velocity")  # fp64 buffers a sync may carry, in this order

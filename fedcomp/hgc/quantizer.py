@@ -6,6 +6,8 @@ value is replaced by the mean of its group. Symbols 0..L/2-1 are the negative le
 most negative up, L/2..L-1 the non-negative ones from the smallest up, so symbol order follows
 value order (what makes XOR with a correlated prediction small). With q = 1 this is STC's
 sign-and-mean quantizer with separate means for each sign.
+
+``quantize_segments`` applies it to each segment of a mask on its own (``segments.py``).
 """
 
 from __future__ import annotations
@@ -37,3 +39,16 @@ def quantize_levels(values: torch.Tensor, bits: int) -> tuple[np.ndarray, np.nda
 
 def dequantize_levels(symbols: np.ndarray, means: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(means[symbols].astype(np.float32))
+
+
+def quantize_segments(values: torch.Tensor, cuts: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Eq. 3 on each run values[cuts[i]:cuts[i+1]]: (symbols, levels of shape (segments, 2^bits))."""
+    parts = [quantize_levels(values[lo:hi], bits) for lo, hi in zip(cuts, cuts[1:])]
+    symbols = np.concatenate([s for s, _ in parts]) if parts else np.zeros(0, np.int64)
+    return symbols, np.stack([m for _, m in parts]) if parts else np.zeros((0, 1 << bits), np.float32)
+
+
+def dequantize_segments(symbols: np.ndarray, levels: np.ndarray, cuts: np.ndarray) -> torch.Tensor:
+    """Inverse of :func:`quantize_segments` (levels of segment i for its run of symbols)."""
+    segment = np.repeat(np.arange(len(cuts) - 1), np.diff(cuts))
+    return torch.from_numpy(levels[segment, symbols].astype(np.float32))
