@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from fedcomp.compression import build
-from fedcomp.compression.cat import CostModel, _omega, best_budget
+from fedcomp.compression.cat import CostModel, best_budget, omega
+from fedcomp.compression.selectors import optimal_probabilities
 
 
 def brute_force(g, kind, cost):
@@ -14,9 +15,7 @@ def brute_force(g, kind, cost):
         imp = torch.cumsum(a**2, 0) / norm2
     else:
         imp = torch.cumsum(a, 0) ** 2 / (t * norm2)
-    eff = imp / cost(t)
-    if cost.cost == "packet":  # Proposition 1: the maximum sits on a multiple of tau_max
-        eff = torch.where(t % cost.tau_max == 0, eff, torch.tensor(-1.0, dtype=eff.dtype))
+    eff = imp / cost(t)  # every T in [1, d]: the search may skip T only where it cannot win
     return int(torch.argmax(eff)) + 1, float(eff.max())
 
 
@@ -40,14 +39,37 @@ def test_payload_model_sparsification_picks_one():
     assert best_budget(g, "sparsification", CostModel("sparsification", 32, 500, "payload", 0, 1, 1024)) == 1  # Proposition 2
 
 
-def test_stochastic_search_against_brute_force_on_small_vectors():
+@pytest.mark.parametrize("model", [("affine", 1.0, 500.0), ("packet", 1024, 512)])
+def test_stochastic_search_against_brute_force_on_small_vectors(model):
+    cost_kind, c1, c0 = model
     for seed in range(3):
         g = torch.randn(120, generator=torch.Generator().manual_seed(seed)) ** 3
-        cost = CostModel("stochastic", 32, 120, "affine", 500.0, 1.0, 1024)
+        cost = CostModel("stochastic", 64, 120, cost_kind, c0, c1, 256)
         norm2 = float((g.double() ** 2).sum())
         t = best_budget(g, "stochastic", cost)
-        effs = [_omega(g, s, norm2) / float(cost(torch.tensor(float(s)))) for s in range(1, 121)]
-        assert _omega(g, t, norm2) / float(cost(torch.tensor(float(t)))) >= max(effs) * (1 - 1e-9)
+        effs = [omega(g, s, norm2) / float(cost(torch.tensor(float(s)))) for s in range(1, 121)]
+        assert omega(g, t, norm2) / float(cost(torch.tensor(float(t)))) >= max(effs) * (1 - 1e-9)
+
+
+def test_packet_budgets_subtract_the_sq_header():
+    """The paper's packet constants (Fig. 1c): P_max = 128 B, FPP = 64; d = 7850 needs 13-bit indices."""
+    sq = CostModel("sq", 64, 7850, "packet", 512, 1024, 1024)
+    assert sq.packet_budgets(7850)[:3].tolist() == [(1024 - 64) // 13, (2048 - 64) // 13, (3072 - 64) // 13]
+    s = CostModel("sparsification", 64, 7850, "packet", 512, 1024, 1024)
+    assert s.packet_budgets(7850)[:3].tolist() == [1024 // 77, 2048 // 77, 3072 // 77]
+    for c, t in enumerate(sq.packet_budgets(7850)[:-1].tolist(), start=1):  # T_c fills c packets, T_c + 1 needs c + 1
+        assert sq(torch.tensor(t)) == 1024 * c + 512 and sq(torch.tensor(t + 1)) == 1024 * (c + 1) + 512
+
+
+def test_stochastic_cat_scales_values_by_omega():
+    g = torch.randn(400, generator=torch.Generator().manual_seed(3)) ** 3
+    c = build("cat", kind="stochastic", cost="affine", c0=5000, c1=1, seed=1)
+    y = c.decompress(c.compress(g))
+    t = c.selector.last_budget
+    p = optimal_probabilities(g, float(t))
+    w = omega(g, t, float((g.double() ** 2).sum()))
+    kept = y != 0
+    assert 0 < w < 1 and torch.allclose(y[kept].double(), w * g[kept].double() / p[kept], rtol=1e-5)
 
 
 def test_cat_compressors_round_trip_and_recompute_every():

@@ -139,6 +139,20 @@ def test_adaptive_threshold_keeps_residue_and_sends_bin_leaders():
     assert c.state()["residue"].abs().sum() > 0
 
 
+@pytest.mark.parametrize("scope", ["model", "layerwise"])
+def test_adaptive_threshold_dutta_form_one_threshold_per_segment(scope):
+    """bin_size null, no residue: send g_j with |2 g_j| >= max|g| over its segment
+    (sands-lab/layer-wise-aaai20), statelessly."""
+    sizes = [30, 70]
+    x = tensor((100,), 4)
+    c = build("adaptive_threshold", bin_size=None, residue=False, scope=scope, sizes=sizes)
+    y = c.decompress(c.compress(x))
+    segments = torch.split(x, sizes) if scope == "layerwise" else [x]
+    expected = torch.cat([torch.where(2 * s.abs() >= s.abs().max(), s, torch.zeros_like(s)) for s in segments])
+    assert torch.equal(y, expected)
+    assert c.state() == {}
+
+
 def test_error_feedback_residual_accumulates_what_was_dropped():
     c = build("topk", k=1, error_feedback=True)
     x = torch.tensor([1.0, 0.9, 0.0])

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from fedcomp.coding import encode_indices
 from fedcomp.fl import messages as M
 from fedcomp.fl.client_app import make_client_app
+from fedcomp.fl.client_state import client_state
 from fedcomp.fl.engine import InlineGrid
 from fedcomp.fl.runtime import get_runtime
 from fedcomp.fl.server_app import build_strategy
@@ -120,7 +121,8 @@ def test_two_beta_predictor_uses_beta2_for_the_second_moment():
     one, two = Predictor(0.8), Predictor(0.8, beta2=0.9)
     one.observe(g)
     two.observe(g)
-    assert torch.equal(one.u, two.u) and torch.allclose(one.v, 0.2 * g.double() ** 2) and torch.allclose(two.v, 0.1 * g.double() ** 2)
+    (u1, v1), (u2, v2) = one.moments(), two.moments()
+    assert torch.equal(u1, u2) and torch.allclose(v1, 0.2 * g.double() ** 2) and torch.allclose(v2, 0.1 * g.double() ** 2)
 
 
 def test_client_momentum_changes_after_the_lr_step_window(fast_cfg):
@@ -136,11 +138,40 @@ def test_resync_carries_model_predictor_and_velocity():
     from fedcomp.hgc.codec import decode_sync, encode_sync
 
     w = torch.randn(50)
-    buffers = {"u": torch.randn(50, dtype=torch.float64), "velocity": torch.randn(50, dtype=torch.float64)}
+    pred = Predictor(0.5)
+    for seed in range(3):
+        pred.observe(torch.randn(50, generator=torch.Generator().manual_seed(seed)), torch.arange(0, 50, 3))
+    buffers = {**pred.state(), "velocity": torch.randn(50, dtype=torch.float64)}
     got_w, got = decode_sync(encode_sync(w, buffers))
-    assert torch.equal(got_w, w) and torch.equal(got["u"], buffers["u"]) and torch.equal(got["velocity"], buffers["velocity"])
-    assert not got["v"].any()
-    assert len(encode_sync(w, buffers)) - len(encode_sync(w, {})) == 2 * 8 * 50  # two fp64 buffers
+    assert torch.equal(got_w, w) and torch.equal(got["velocity"], buffers["velocity"])
+    for key in ("u", "v", "scale"):
+        assert torch.equal(got[key], buffers[key])
+    again = Predictor(0.5)
+    again.load_state(got)
+    assert torch.equal(again.predict(torch.arange(50)), pred.predict(torch.arange(50)))
+    assert len(encode_sync(w, buffers)) - len(encode_sync(w, {})) == 3 * 8 * 50 + 16  # three fp64 buffers, two scales
+    assert not decode_sync(encode_sync(w, {}))[1]["u"].any()
+
+
+def test_lazy_decay_matches_the_dense_recursion():
+    """Eq. 4 with the decay kept as a scale (and folded in when it gets small) equals the
+    plain recursion over many rounds."""
+    g = torch.Generator().manual_seed(0)
+    lazy, d = Predictor(0.5, beta2=0.9), 40
+    u = torch.zeros(d, dtype=torch.float64)
+    v = torch.zeros(d, dtype=torch.float64)
+    for _ in range(400):  # 0.5^400 < 1e-100: the scale is folded in along the way
+        support = torch.randperm(d, generator=g)[:5].sort().values
+        x = torch.zeros(d, dtype=torch.float64)
+        x[support] = torch.randn(5, generator=g, dtype=torch.float64)
+        lazy.observe(x, support)
+        u, v = 0.5 * u + 0.5 * x, 0.9 * v + 0.1 * x * x
+    lu, lv = lazy.moments()
+    torch.testing.assert_close(lu, u, rtol=1e-9, atol=1e-300)
+    torch.testing.assert_close(lv, v, rtol=1e-9, atol=1e-300)
+    zero = Predictor(0.0)
+    zero.observe(torch.ones(3), torch.tensor([1]))
+    assert zero.moments()[0].tolist() == [0.0, 1.0, 0.0]
 
 
 def test_warmup_and_lr_step_schedule():
@@ -155,18 +186,18 @@ def test_warmup_and_lr_step_schedule():
     assert lr_step_adjusted_ratio(47, 0.001, [50], 2, 10.0) == 0.001
 
 
-def run_hgc(fast_cfg, rounds, *extra):
+def run_hgc(fast_cfg, rounds, *extra, resident=True):
     cfg = fast_cfg("strategy=hgc", "strategy.ratio=0.02", f"num_rounds={rounds}", *extra)
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
     rt = get_runtime(cfg)
-    grid = InlineGrid(make_client_app(cfg), cfg.simulation.num_clients)
+    grid = InlineGrid(make_client_app(cfg), cfg.simulation.num_clients, resident=resident)
     strategy = build_strategy(cfg, rt)
     strategy.start(grid=grid, initial_arrays=ArrayRecord(rt.new_model().state_dict()), num_rounds=rounds)
     return strategy, grid
 
 
 def client_buffers(ctx):
-    return {k: ctx.state[M.HGC_STATE][k].numpy() for k in ("u", "v")}
+    return {k: client_state(ctx).tensor(M.HGC_STATE, k).clone() for k in ("u", "v", "scale")}
 
 
 @pytest.mark.parametrize("extra", [
@@ -178,19 +209,30 @@ def client_buffers(ctx):
 ])
 def test_predictor_buffers_and_models_identical_on_both_ends(fast_cfg, extra):
     strategy, grid = run_hgc(fast_cfg, 12, "strategy.bits=2", *extra)
-    server_u, server_v = strategy.predictor.u.numpy(), strategy.predictor.v.numpy()
+    server_u, server_v = strategy.predictor.u.numpy().copy(), strategy.predictor.v.numpy().copy()
     # Clients hold the state before the last relay; one more relay brings them level.
     from fedcomp.fl.hgc_client import synchronise
 
     for ctx in grid._contexts.values():
         pred = strategy.settings.predictor()
-        pred.load_state({k: torch.from_numpy(v) for k, v in client_buffers(ctx).items()})
+        pred.load_state(client_buffers(ctx))
         rec = {M.KIND: M.DELTA, M.PAYLOAD: strategy._pending, M.VERSION: strategy._version, "broadcast": strategy.settings.broadcast,
                "server-lr": strategy.server_lr, "server-momentum": strategy.server_momentum}
-        w, velocity = synchronise(rec, ctx.state, pred, strategy.segments)
+        w, velocity = synchronise(rec, client_state(ctx), pred, strategy.segments)
         assert np.array_equal(pred.u.numpy(), server_u) and np.array_equal(pred.v.numpy(), server_v)
         assert torch.equal(w, strategy._global) and torch.equal(velocity, strategy.velocity)
     assert np.abs(server_u).sum() > 0
+
+
+def test_client_state_in_records_or_resident_gives_the_same_run(fast_cfg):
+    """ArrayRecords in Context.state (Flower's engines) and resident tensors (inline) hold the
+    same client state: same bytes, same model."""
+    extra = ("simulation.fraction=0.5", "train.optimizer_state=persistent", "train.momentum=0.5", "strategy.bits=2")
+    a, _ = run_hgc(fast_cfg, 5, *extra)
+    b, _ = run_hgc(fast_cfg, 5, *extra, resident=False)
+    assert [a.rounds[r].bytes_up for r in a.rounds] == [b.rounds[r].bytes_up for r in b.rounds]
+    assert [a.rounds[r].bytes_down for r in a.rounds] == [b.rounds[r].bytes_down for r in b.rounds]
+    assert torch.equal(a._global, b._global)
 
 
 def test_mask_cost_is_counted_once_up_and_relayed_down(fast_cfg):

@@ -2,12 +2,13 @@
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import ConfigRecord, Context, RecordDict
 from omegaconf import OmegaConf
 
 from fedcomp.compression import build
 from fedcomp.fl import messages as M
 from fedcomp.fl.client_round import apply_resets
+from fedcomp.fl.client_state import ResidentContext, client_state
 from fedcomp.fl.engine import run_inline
 from fedcomp.fl.local import train_local
 from fedcomp.fl.schedule import TrainSchedule
@@ -51,16 +52,20 @@ def test_momentum_ramp_and_lr_steps():
     assert s.lr(500) == 0.1 and s.lr(501) == pytest.approx(0.01)
 
 
-def test_reset_clears_error_feedback_and_momentum_once():
-    state = RecordDict({M.UP_STATE: ArrayRecord({"residual": torch.ones(3)}), M.OPT_STATE: ArrayRecord({"w": torch.ones(3)}),
-                        M.REPLICA: ArrayRecord({"w": torch.ones(3)})})
+@pytest.mark.parametrize("resident", [False, True])
+def test_reset_clears_error_feedback_and_momentum_once(resident):
+    context = (ResidentContext if resident else Context)(run_id=1, node_id=2, node_config={}, state=RecordDict(), run_config={})
+    state = client_state(context)
+    for name in (M.UP_STATE, M.OPT_STATE, M.REPLICA):
+        state.put(name, {"w": torch.ones(3)})
     apply_resets(state, ConfigRecord({M.RESETS: 0}))
-    assert M.UP_STATE in state and M.OPT_STATE in state
+    assert state.get(M.UP_STATE) and state.get(M.OPT_STATE)
     apply_resets(state, ConfigRecord({M.RESETS: 1}))
-    assert M.UP_STATE not in state and M.OPT_STATE not in state and M.REPLICA in state
-    state[M.OPT_STATE] = ArrayRecord({"w": torch.ones(3)})
+    assert state.get(M.UP_STATE) is None and state.get(M.OPT_STATE) is None and state.get(M.REPLICA)
+    state.put(M.OPT_STATE, {"w": torch.ones(3)})
     apply_resets(state, ConfigRecord({M.RESETS: 1}))  # already applied
-    assert M.OPT_STATE in state
+    assert state.get(M.OPT_STATE)
+    assert (M.OPT_STATE in context.state) != resident  # ArrayRecords only where the Context is serialised
 
 
 def test_persistent_momentum_is_kept_per_client_and_changes_the_run(fast_cfg, tmp_path):
@@ -76,9 +81,9 @@ def test_persistent_momentum_is_kept_per_client_and_changes_the_run(fast_cfg, tm
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
     grid = InlineGrid(make_client_app(cfg), cfg.simulation.num_clients)
     kept = run_server(grid, cfg, tmp_path / "kept")
-    buffers = [ctx.state[M.OPT_STATE] for ctx in grid._contexts.values()]
+    buffers = [client_state(ctx).get(M.OPT_STATE) for ctx in grid._contexts.values()]
     assert len(buffers) == 4 and all(set(b) == {"1.weight", "1.bias", "3.weight", "3.bias"} for b in buffers)
-    assert buffers[0]["1.bias"].numpy().tolist() != buffers[1]["1.bias"].numpy().tolist()
+    assert not torch.equal(buffers[0]["1.bias"], buffers[1]["1.bias"])
     assert kept["final_accuracy"] != fresh["final_accuracy"] or kept["rounds"] != fresh["rounds"]
     # Momentum 0 throughout: nothing to carry, the same run as fresh.
     zero_fresh = run_inline(fast_cfg(), tmp_path / "zf")
@@ -121,5 +126,5 @@ def test_hgc_reset_after_the_lr_step_window_reaches_every_client(fast_cfg, tmp_p
     # LR step at round 4; window rounds 3..5; reset and new momentum from round 6.
     assert [by_round[r].get(M.RESETS, 0) for r in range(1, 7)] == [0, 0, 0, 0, 0, 1]
     assert [by_round[r][M.MOMENTUM] for r in range(1, 7)] == [0.5] * 5 + [0.9]
-    assert all(int(ctx.state[M.RESETS_SEEN][M.RESETS]) == 1 for ctx in grid._contexts.values())
+    assert all(client_state(ctx).number(M.RESETS_SEEN) == 1 for ctx in grid._contexts.values())
     assert summary["final_accuracy"] > summary["initial_accuracy"]

@@ -83,6 +83,18 @@ def test_volume_skew_weights_are_arithmetic_on_average():
     assert np.allclose(rel, np.linspace(100.0, 1.0, 10), rtol=0.03)
 
 
+@pytest.mark.parametrize("sr", [10.0, 100.0, 1000.0])
+def test_volume_skew_geometric_series_is_log_spaced_as_the_authors_generate_it(sr):
+    p = volume_skew_weights(10, sr, seed=4, series="geometric")
+    assert np.isclose(p.sum(), 1.0) and np.isclose(p[0] / p[-1], sr)
+    assert p[-1] == p[-2]  # the last size repeated (get_skew_distribution)
+    assert np.allclose(p[:-2] / p[1:-1], sr ** (1 / 8))  # constant ratio over the 9 log-spaced sizes
+    assert np.array_equal(p, volume_skew_weights(10, sr, seed=5, series="geometric"))  # no noise
+    parts = volume_skew(labels(60000), 10, sr, seed=0, series="geometric")
+    sizes = np.array([len(x) for x in parts])
+    assert sizes[0] / sizes[-1] == pytest.approx(sr, rel=0.05)
+
+
 def test_volume_skew_sizes_follow_skew_ratio():
     y = labels(60000)
     parts = volume_skew(y, 10, 100.0, seed=0)

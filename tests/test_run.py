@@ -8,6 +8,7 @@ import torch
 
 from fedcomp.fl import messages as M
 from fedcomp.fl.client_app import make_client_app
+from fedcomp.fl.client_state import client_state
 from fedcomp.fl.engine import InlineGrid, run_inline
 from fedcomp.fl.server_app import run_server
 from fedcomp.fl.strategy import CompressedFedAvg
@@ -180,7 +181,7 @@ def run_tapped(cfg, out):
 
 def test_uplink_error_feedback_state_is_per_client_in_its_context(fast_cfg, tmp_path):
     grid, summary = run_tapped(fast_cfg("compressor=topk", "compressor.up.ratio=0.05"), tmp_path)
-    residuals = [torch.from_numpy(ctx.state[M.UP_STATE]["residual"].numpy()) for ctx in grid._contexts.values()]
+    residuals = [client_state(ctx).tensor(M.UP_STATE, "residual") for ctx in grid._contexts.values()]
     assert len(residuals) == 4 and all(r.abs().sum() > 0 for r in residuals)
     assert not torch.equal(residuals[0], residuals[1])
     rows = read_jsonl(tmp_path / "metrics.jsonl")
@@ -195,8 +196,8 @@ def test_bidirectional_downlink_sends_full_model_once_then_coded_steps(fast_cfg,
     sizes = [sorted(set(d.values())) for d in grid.down if d]
     full = sizes[0][0]
     assert len(sizes[0]) == 1 and all(len(s) == 1 and s[0] < 0.05 * full for s in sizes[1:])
-    replicas = [ctx.state[M.REPLICA]["w"].numpy() for ctx in grid._contexts.values()]
-    versions = {int(ctx.state[M.REPLICA_VERSION][M.VERSION]) for ctx in grid._contexts.values()}
+    replicas = [client_state(ctx).tensor(M.REPLICA, "w").numpy() for ctx in grid._contexts.values()]
+    versions = {client_state(ctx).number(M.REPLICA_VERSION) for ctx in grid._contexts.values()}
     assert versions == {2} and all((r == replicas[0]).all() for r in replicas)
     rows = read_jsonl(tmp_path / "metrics.jsonl")
     assert [r["bytes_down"] for r in rows] == [4 * s[0] for s in sizes]

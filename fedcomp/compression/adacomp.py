@@ -7,6 +7,12 @@ new gradient pushes entries past the bin's maximum sends all of them. Sent entri
 residue; the rest stay in it. The residue is AdaComp's own (do not wrap it in error feedback);
 it is state, kept by the client between rounds. Values travel as fp32 with Rice-coded
 indices; AdaComp's own ternary value quantization is not applied.
+
+Dutta et al.'s reference (sands-lab/layer-wise-aaai20) uses the rule without bins or residue:
+``bin_size: null`` makes the whole vector one bin and ``residue: false`` keeps G = g, so a
+coordinate is sent when |2 g_j| >= max_i |g_i| -- one threshold per compressed segment (per
+layer with ``scope: layerwise``, for the entire model otherwise), as in their Algorithm 1
+experiments, which have no error feedback.
 """
 
 from __future__ import annotations
@@ -19,8 +25,8 @@ from fedcomp.compression.registry import register
 
 
 class _AdaCompSelector:
-    def __init__(self, bin_size: int) -> None:
-        self.bin_size = bin_size
+    def __init__(self, bin_size: int | None, residue: bool) -> None:
+        self.bin_size, self.keeps_residue = bin_size, residue
         self.residue = torch.zeros(0)
 
     def select(self, g: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,24 +34,26 @@ class _AdaCompSelector:
             self.residue = torch.zeros_like(g)
         acc = self.residue + g
         look_ahead = acc + g
-        pad = (-g.numel()) % self.bin_size
-        bin_max = torch.nn.functional.pad(acc.abs(), (0, pad)).view(-1, self.bin_size).amax(dim=1)
-        threshold = bin_max.repeat_interleave(self.bin_size)[: g.numel()]
+        bin_size = self.bin_size or max(g.numel(), 1)
+        pad = (-g.numel()) % bin_size
+        bin_max = torch.nn.functional.pad(acc.abs(), (0, pad)).view(-1, bin_size).amax(dim=1)
+        threshold = bin_max.repeat_interleave(bin_size)[: g.numel()]
         idx = torch.nonzero((look_ahead.abs() >= threshold) & (acc != 0)).reshape(-1)
-        self.residue = acc.clone()
-        self.residue[idx] = 0
+        if self.keeps_residue:
+            self.residue = acc.clone()
+            self.residue[idx] = 0
         return idx, acc[idx]
 
 
 @register("adaptive_threshold")
 class AdaptiveThreshold(Recipe):
-    def __init__(self, bin_size: int = 500) -> None:
-        if bin_size < 1:
-            raise ValueError(f"bin_size must be >= 1, got {bin_size}")
-        super().__init__(_AdaCompSelector(bin_size), Float32Values())
+    def __init__(self, bin_size: int | None = 500, residue: bool = True) -> None:
+        if bin_size is not None and bin_size < 1:
+            raise ValueError(f"bin_size must be >= 1 or null, got {bin_size}")
+        super().__init__(_AdaCompSelector(bin_size, residue), Float32Values())
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {"residue": self.selector.residue}
+        return {"residue": self.selector.residue} if self.selector.keeps_residue else {}
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         self.selector.residue = state.get("residue", torch.zeros(0))

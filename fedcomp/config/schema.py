@@ -64,7 +64,7 @@ class TrainConfig:
     # Step schedule: lr x lr_gamma at each milestone (fractions of num_rounds), e.g. [0.5, 0.75].
     lr_milestones: list[float] = field(default_factory=list)
     lr_gamma: float = 0.1
-    eval_batch_size: int = 1000
+    eval_batch_size: int = 256
     # Where local training and evaluation run: cpu, cuda (cuda:N) or auto (cuda when available).
     # Compression and the wire always work on CPU copies of the update.
     device: str = "cpu"
@@ -159,9 +159,11 @@ class VolumeSkewPartition:
     skew_ratio: float = 10.0
     label_alpha: Optional[float] = None
     min_samples: int = 1
+    series: str = "arithmetic"
 
     def __post_init__(self) -> None:
         _require(self.skew_ratio >= 1, "partition.skew_ratio", "must be >= 1", self.skew_ratio)
+        _require(self.series in ("arithmetic", "geometric"), "partition.series", "must be arithmetic or geometric", self.series)
         _require(self.label_alpha is None or self.label_alpha > 0, "partition.label_alpha", "must be > 0 or null", self.label_alpha)
         _require(self.min_samples >= 1, "partition.min_samples", "must be >= 1", self.min_samples)
 

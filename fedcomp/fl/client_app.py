@@ -4,9 +4,10 @@
 level ``app`` is what ``flwr run`` loads: it composes the config from the run config's
 ``overrides`` string (Hydra override syntax), so both paths run the same experiment.
 
-Per-client state lives in the node's Flower ``Context`` between rounds: the uplink
-compressor's state (error feedback), the local optimizer's momentum buffers
-(``train.optimizer_state: persistent``), model replicas and HGC's buffers.
+Per-client state lives with the node's Flower ``Context`` between rounds
+(``fedcomp.fl.client_state``): the uplink compressor's state (error feedback), the local
+optimizer's momentum buffers (``train.optimizer_state: persistent``), model replicas and
+HGC's buffers.
 """
 
 from __future__ import annotations
@@ -14,18 +15,19 @@ from __future__ import annotations
 from functools import lru_cache
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from omegaconf import DictConfig
 
 from fedcomp.config import compose_config
 from fedcomp.fl import messages as M
-from fedcomp.fl.client_round import apply_resets, client_seed, keep_state, train_round, uplink_compressor
+from fedcomp.fl.client_round import apply_resets, client_seed, train_round, uplink_compressor
+from fedcomp.fl.client_state import ClientState, client_state
 from fedcomp.fl.hgc_client import hgc_round
 from fedcomp.fl.runtime import Runtime, get_runtime
 
 
-def receive_model(rt: Runtime, down: ConfigRecord, state: RecordDict) -> torch.Tensor:
+def receive_model(rt: Runtime, down: ConfigRecord, state: ClientState) -> torch.Tensor:
     """The global model this client now holds, from the downlink record (see strategy docs)."""
     kind, version = down[M.KIND], int(down[M.VERSION])
     if kind == M.MODEL:
@@ -33,15 +35,15 @@ def receive_model(rt: Runtime, down: ConfigRecord, state: RecordDict) -> torch.T
     if kind == M.FULL:
         replica = rt.full_codec.decompress(down[M.PAYLOAD]).reshape(-1).float()
     elif kind == M.DELTA:
-        held = int(state[M.REPLICA_VERSION][M.VERSION]) if M.REPLICA_VERSION in state else None
+        held = state.number(M.REPLICA_VERSION)
         if held != version - 1:
             raise RuntimeError(f"delta to version {version} sent to a client holding version {held}")
         step = rt.compressor("down").decompress(down[M.PAYLOAD]).reshape(-1).float()
-        replica = torch.from_numpy(state[M.REPLICA]["w"].numpy()) + step
+        replica = state.tensor(M.REPLICA, "w") + step
     else:
         raise ValueError(f"unknown downlink kind {kind!r}")
-    state[M.REPLICA] = ArrayRecord({"w": replica})
-    state[M.REPLICA_VERSION] = ConfigRecord({M.VERSION: version})
+    state.put(M.REPLICA, {"w": replica})
+    state.set_number(M.REPLICA_VERSION, version)
     return replica
 
 
@@ -50,15 +52,15 @@ def train_on_client(cfg: DictConfig, msg: Message, context: Context) -> Message:
     partition_id = int(context.node_config["partition-id"])
     config = msg.content[M.CONFIG]
     seed = client_seed(cfg, config, partition_id)
-    apply_resets(context.state, config)
+    state = client_state(context)
+    apply_resets(state, config)
     if M.HGC in msg.content:
-        return hgc_round(rt, msg, context.state, partition_id, seed)
-    received = receive_model(rt, msg.content[M.DOWN], context.state)
-    up = uplink_compressor(rt, context.state, seed, config)
-    result = train_round(rt, received, context.state, partition_id, seed, config,
-                         momentum_taken=up.take_momentum(float(config[M.MOMENTUM])))
+        return hgc_round(rt, msg, state, partition_id, seed)
+    received = receive_model(rt, msg.content[M.DOWN], state)
+    up = uplink_compressor(rt, state, seed, config)
+    result = train_round(rt, received, state, partition_id, seed, config, momentum_taken=up.take_momentum(float(config[M.MOMENTUM])))
     payload = up.compress(result.update)
-    keep_state(context.state, M.UP_STATE, up.state())
+    state.put(M.UP_STATE, up.state())
     content = RecordDict({M.UP: ConfigRecord({M.PAYLOAD: payload}), M.METRICS: result.metrics(partition_id)})
     return Message(content, reply_to=msg)
 

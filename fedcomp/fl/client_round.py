@@ -1,6 +1,6 @@
-"""What every client round shares, whatever the strategy: the client's state records in its
-Flower ``Context`` (error feedback, local optimizer momentum, resets), the uplink compressor
-loaded with that state, and local training from a received model.
+"""What every client round shares, whatever the strategy: the client's state between rounds
+(error feedback, local optimizer momentum, resets; ``fedcomp.fl.client_state``), the uplink
+compressor loaded with that state, and local training from a received model.
 """
 
 from __future__ import annotations
@@ -10,43 +10,36 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, MetricRecord
 from omegaconf import DictConfig
 
 from fedcomp.compression import Compressor
 from fedcomp.fl import messages as M
+from fedcomp.fl.client_state import ClientState
 from fedcomp.fl.local import mean_gradient_sq_norm, train_local
 from fedcomp.fl.runtime import Runtime
 
 
-def apply_resets(state: RecordDict, config: ConfigRecord) -> None:
+def apply_resets(state: ClientState, config: ConfigRecord) -> None:
     """Clear the error-feedback memory and the optimizer's momentum buffers when the server
     has ordered a reset this client has not applied yet (HGC Sec. 3.2; a client that missed
     the round of the order applies it on its next round)."""
     ordered = int(config.get(M.RESETS, 0))
-    seen = int(state[M.RESETS_SEEN][M.RESETS]) if M.RESETS_SEEN in state else 0
-    if ordered > seen:
-        for name in (M.UP_STATE, M.OPT_STATE):
-            state.pop(name, None)
-        state[M.RESETS_SEEN] = ConfigRecord({M.RESETS: ordered})
+    if ordered > (state.number(M.RESETS_SEEN) or 0):
+        state.drop(M.UP_STATE)
+        state.drop(M.OPT_STATE)
+        state.set_number(M.RESETS_SEEN, ordered)
 
 
-def uplink_compressor(rt: Runtime, state: RecordDict, seed: int, config: ConfigRecord) -> Compressor:
+def uplink_compressor(rt: Runtime, state: ClientState, seed: int, config: ConfigRecord) -> Compressor:
     """The process's uplink compressor, loaded with this client's state and set for this round."""
     up = rt.compressor("up")
-    up.load_state(state[M.UP_STATE].to_torch_state_dict() if M.UP_STATE in state else {})
+    up.load_state(state.get(M.UP_STATE) or {})
     up.reseed(seed)
     up.set_round(int(config[M.ROUND]))
     if M.RATIO in config:
         up.set_ratio(float(config[M.RATIO]))
     return up
-
-
-def keep_state(state: RecordDict, name: str, tensors: dict[str, torch.Tensor]) -> None:
-    if tensors:
-        state[name] = ArrayRecord(tensors)
-    else:
-        state.pop(name, None)
 
 
 @dataclass
@@ -65,7 +58,7 @@ class LocalResult:
 
 
 def train_round(
-    rt: Runtime, w: torch.Tensor, state: RecordDict, partition_id: int, seed: int, config: ConfigRecord,
+    rt: Runtime, w: torch.Tensor, state: ClientState, partition_id: int, seed: int, config: ConfigRecord,
     momentum_taken: bool = False,
 ) -> LocalResult:
     """Train this client's shard from the model ``w`` with the round's learning rate and
@@ -74,16 +67,14 @@ def train_round(
     rt.layout.load(rt.model, w)
     momentum = 0.0 if momentum_taken else float(config[M.MOMENTUM])
     training = {**rt.local_training, "lr": float(config[M.LR]), "momentum": momentum}
-    buffers = None
-    if rt.cfg.train.optimizer_state == "persistent":
-        buffers = state[M.OPT_STATE].to_torch_state_dict() if M.OPT_STATE in state else {}
+    buffers = (state.get(M.OPT_STATE) or {}) if rt.cfg.train.optimizer_state == "persistent" else None
     indices = rt.client_indices(partition_id)
     start = time.perf_counter()
     loss = train_local(rt.model, rt.train.x, rt.train.y, indices, generator=torch.Generator().manual_seed(seed),
                        momentum_buffers=buffers, **training)
     compute_s = time.perf_counter() - start
     if buffers is not None:
-        keep_state(state, M.OPT_STATE, buffers)
+        state.put(M.OPT_STATE, buffers)
     update = rt.flat_model() - w
     return LocalResult(update, loss, compute_s, len(indices), mean_gradient_sq_norm(update, len(indices), training))
 

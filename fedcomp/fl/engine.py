@@ -1,7 +1,8 @@
 """Engines that run the ServerApp against the ClientApp.
 
 ``inline`` (default): ``InlineGrid`` is a Flower ``Grid`` that hands each Message straight to
-the ClientApp in this process, one node after another, with a persistent ``Context`` per node.
+the ClientApp in this process, one node after another, with a persistent ``Context`` per node
+(a ``ResidentContext``: client tensors stay in memory as they are, see ``client_state``).
 The apps, the strategy and every Message are the same as under Flower's engines; what goes is
 the process/actor hop, which costs more than the local training of a small model.
 
@@ -27,6 +28,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from omegaconf import DictConfig
 
 from fedcomp.fl.client_app import make_client_app
+from fedcomp.fl.client_state import ResidentContext
 from fedcomp.fl.server_app import make_server_app, run_server
 
 SERVER_NODE_ID = 1  # Flower's SUPERLINK_NODE_ID
@@ -35,12 +37,17 @@ SERVER_NODE_ID = 1  # Flower's SUPERLINK_NODE_ID
 class InlineGrid(Grid):
     """A Grid whose nodes are ClientApp calls in this process."""
 
-    def __init__(self, client_app: ClientApp, num_nodes: int, run_config: dict[str, Any] | None = None, run_id: int = 1) -> None:
+    def __init__(
+        self, client_app: ClientApp, num_nodes: int, run_config: dict[str, Any] | None = None, run_id: int = 1,
+        resident: bool = True,
+    ) -> None:
+        """``resident=False`` keeps client tensors as ArrayRecords, as Flower's engines must."""
         self._app = client_app
         self._run_id = run_id
+        context = ResidentContext if resident else Context
         # Node ids start above the server's id, as Flower's are distinct from it.
         self._contexts = {
-            SERVER_NODE_ID + 1 + i: Context(
+            SERVER_NODE_ID + 1 + i: context(
                 run_id=run_id,
                 node_id=SERVER_NODE_ID + 1 + i,
                 node_config={"partition-id": i, "num-partitions": num_nodes},

@@ -1,19 +1,20 @@
 """One HGC client round (003_... Fig. 1, client side); see fl/hgc_strategy.py for the protocol.
 
-Client state in its Flower Context: the model replica and its version, the predictor buffers,
-the server-momentum velocity and the round's mask (to read the next downlink) in HGC_STATE;
-the error-feedback memory in UP_STATE and the local optimizer's momentum in OPT_STATE, like
-every other client (so the Sec. 3.2 reset clears them the same way).
+Client state (``fedcomp.fl.client_state``): the model replica and its version, the predictor
+buffers, the server-momentum velocity and the round's mask (to read the next downlink) in
+HGC_STATE; the error-feedback memory in UP_STATE and the local optimizer's momentum in
+OPT_STATE, like every other client (so the Sec. 3.2 reset clears them the same way).
 """
 
 from __future__ import annotations
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 
 from fedcomp.coding import decode_indices, encode_indices
 from fedcomp.fl import messages as M
-from fedcomp.fl.client_round import keep_state, train_round
+from fedcomp.fl.client_round import train_round
+from fedcomp.fl.client_state import ClientState
 from fedcomp.fl.runtime import Runtime
 from fedcomp.hgc.codec import (
     Entry,
@@ -32,13 +33,7 @@ from fedcomp.hgc.segments import Segments
 from fedcomp.hgc.settings import HGCSettings
 
 
-def _load(state: RecordDict, name: str, key: str) -> torch.Tensor | None:
-    if name in state and key in state[name]:
-        return torch.from_numpy(state[name][key].numpy().copy())
-    return None
-
-
-def synchronise(rec: ConfigRecord, state: RecordDict, predictor: Predictor, segments: Segments) -> tuple[torch.Tensor, torch.Tensor]:
+def synchronise(rec: ConfigRecord, state: ClientState, predictor: Predictor, segments: Segments) -> tuple[torch.Tensor, torch.Tensor]:
     """Bring the replica, the predictor and the server-momentum velocity to the server's
     version; return (replica, velocity)."""
     version = int(rec[M.VERSION])
@@ -46,12 +41,13 @@ def synchronise(rec: ConfigRecord, state: RecordDict, predictor: Predictor, segm
         w, buffers = decode_sync(rec[M.PAYLOAD])
         predictor.load_state(buffers)
         return w, buffers["velocity"]
-    held = int(state[M.REPLICA_VERSION][M.VERSION]) if M.REPLICA_VERSION in state else None
+    held = state.number(M.REPLICA_VERSION)
     if held != version - 1:
         raise RuntimeError(f"HGC relay to version {version} sent to a client holding version {held}")
-    w = _load(state, M.REPLICA, "w")
+    w = state.tensor(M.REPLICA, "w")
     d = w.numel()
-    mask = _load(state, M.HGC_STATE, "mask")
+    buffers = state.get(M.HGC_STATE) or {}
+    mask = buffers.get("mask")
     if rec["broadcast"] == "paper":
         union, values, numel = decode_broadcast(rec[M.PAYLOAD], mask)
     else:
@@ -61,24 +57,24 @@ def synchronise(rec: ConfigRecord, state: RecordDict, predictor: Predictor, segm
     if rec["broadcast"] == "paper":
         g = on_mask(values, union, d)
     else:
-        g = aggregate_entries(entries, weights, mask, predictor, segments)[0]
-    predictor.observe(g)
-    velocity = _load(state, M.HGC_STATE, "velocity")
-    velocity = momentum_step(g, velocity if velocity is not None else torch.zeros(d, dtype=torch.float64), float(rec["server-momentum"]))
+        g, union = aggregate_entries(entries, weights, mask, predictor, segments)
+    predictor.observe(g, union)
+    velocity = buffers.get("velocity", torch.zeros(d, dtype=torch.float64))
+    velocity = momentum_step(g, velocity, float(rec["server-momentum"]))
     return w + hgc_step(velocity, float(rec["server-lr"])), velocity
 
 
-def hgc_round(rt: Runtime, msg: Message, state: RecordDict, partition_id: int, seed: int) -> Message:
+def hgc_round(rt: Runtime, msg: Message, state: ClientState, partition_id: int, seed: int) -> Message:
     rec, config = msg.content[M.HGC], msg.content[M.CONFIG]
     settings = HGCSettings.from_record(rec)
     segments = settings.segments(rt.layout.sizes)
     predictor = settings.predictor()
-    predictor.load_state({k: v for k in ("u", "v") if (v := _load(state, M.HGC_STATE, k)) is not None})
+    predictor.load_state(state.get(M.HGC_STATE) or {})
     w, velocity = synchronise(rec, state, predictor, segments)
     d = w.numel()
 
     result = train_round(rt, w, state, partition_id, seed, config)
-    memory = _load(state, M.UP_STATE, "residual")
+    memory = state.tensor(M.UP_STATE, "residual")
     x = result.update + (memory if memory is not None else 0)
     phase = rec["phase"]
     mask = torch.from_numpy(decode_indices(rec["mask"], d)) if phase == "member" else segments.select(x, float(rec["ratio"]))
@@ -91,8 +87,8 @@ def hgc_round(rt: Runtime, msg: Message, state: RecordDict, partition_id: int, s
     mask_blob = encode_indices(mask.numpy(), d) if phase != "member" else None
     payload = encode_uplink(Entry(settings.bits, levels, symbols, settings.predictive, mask_blob), d, settings.deflate)
 
-    state[M.REPLICA] = ArrayRecord({"w": w})
-    state[M.REPLICA_VERSION] = ConfigRecord({M.VERSION: int(rec[M.VERSION])})
-    state[M.HGC_STATE] = ArrayRecord({**predictor.state(), "velocity": velocity, "mask": mask})
-    keep_state(state, M.UP_STATE, {"residual": memory})
+    state.put(M.REPLICA, {"w": w})
+    state.set_number(M.REPLICA_VERSION, int(rec[M.VERSION]))
+    state.put(M.HGC_STATE, {**predictor.state(), "velocity": velocity, "mask": mask})
+    state.put(M.UP_STATE, {"residual": memory})
     return Message(RecordDict({M.UP: ConfigRecord({M.PAYLOAD: payload}), M.METRICS: result.metrics(partition_id)}), reply_to=msg)

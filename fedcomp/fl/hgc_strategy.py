@@ -210,7 +210,7 @@ class HGCStrategy(CompressedFedAvg):
         self.history.grad_sq_norms.append(stats.grad_sq_norm)
         self.velocity = momentum_step(g, self.velocity, self.server_momentum)
         self._global += hgc_step(self.velocity, self.server_lr)
-        self.predictor.observe(g)
+        self.predictor.observe(g, union)
         self._version += 1
         stats.sim_time_s = self._round_time(stats, replies)
         self.rounds[server_round] = stats

@@ -24,13 +24,13 @@ MODEL = "model"  # the global model, coded by the downlink compressor (downlink:
 FULL = "full"  # the global model in fp32, to (re)synchronise a client's replica (downlink: update)
 DELTA = "delta"  # the last global update, coded by the downlink compressor (downlink: update)
 
-# Client Context.state records.
-UP_STATE = "fedcomp.up.state"  # ArrayRecord: the uplink compressor's state (error feedback, ...)
-OPT_STATE = "fedcomp.optimizer"  # ArrayRecord: local SGD momentum buffers (train.optimizer_state: persistent)
-RESETS_SEEN = "fedcomp.resets"  # ConfigRecord {"resets": int}: the last reset this client applied
-REPLICA = "fedcomp.replica"  # ArrayRecord {"w": flat model}: the client's copy (downlink: update)
-REPLICA_VERSION = "fedcomp.replica.version"  # ConfigRecord {"version": int}
+# Client state (fedcomp.fl.client_state): tensor groups, and numbers.
+UP_STATE = "fedcomp.up.state"  # the uplink compressor's state (error feedback, ...)
+OPT_STATE = "fedcomp.optimizer"  # local SGD momentum buffers (train.optimizer_state: persistent)
+RESETS_SEEN = "fedcomp.resets"  # number: the last reset this client applied
+REPLICA = "fedcomp.replica"  # {"w": flat model}: the client's copy (downlink: update)
+REPLICA_VERSION = "fedcomp.replica.version"  # number: the version the replica holds
 
 # HGC (fl/hgc_strategy.py, fl/hgc_client.py).
 HGC = "fedcomp.hgc"  # ConfigRecord: the round's HGC instructions and downlink
-HGC_STATE = "fedcomp.hgc.state"  # client ArrayRecord: u, v, velocity, mask (EF memory is in UP_STATE)
+HGC_STATE = "fedcomp.hgc.state"  # client tensors: u, v, velocity, mask (EF memory is in UP_STATE)

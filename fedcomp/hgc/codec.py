@@ -188,13 +188,13 @@ def aggregate_entries(
     entries: list[Entry], weights: np.ndarray, shared: torch.Tensor | None, predictor: Predictor, segments: Segments,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Undo each entry's residue on its mask (own, else ``shared``) and aggregate them:
-    (g~, the union of the masks)."""
+    (g~, the union of the masks the entries sit on)."""
     d = segments.numel
     parts = []
     for entry in entries:
         mask = entry_mask(entry, shared, d)
         parts.append((mask, entry_values(entry, mask, predictor, segments)))
-    if shared is not None:
+    if all(e.mask_blob is None for e in entries) and shared is not None:
         union = shared
     else:
         union = torch.unique(torch.cat([m for m, _ in parts])) if parts else torch.zeros(0, dtype=torch.int64)
@@ -216,14 +216,21 @@ def on_mask(values: torch.Tensor, mask: torch.Tensor, d: int) -> torch.Tensor:
 
 
 SYNC_BUFFERS = ("u", "v", "velocity")  # fp64 buffers a sync may carry, in this order
+_SCALES = struct.Struct("<dd")
 
 
 def encode_sync(w: torch.Tensor, buffers: dict[str, torch.Tensor]) -> bytes:
     """Full resynchronisation of a client that missed rounds: the model (fp32) and whichever
-    of the predictor buffers u, v and the server-momentum velocity are non-trivial (fp64, so
-    they stay bit-identical). Body: flags u8 (bit i: SYNC_BUFFERS[i] follows) | w | buffers."""
+    of the predictor buffers u, v (with their two scales, ``Predictor.state``) and the
+    server-momentum velocity are present (fp64, so they stay bit-identical).
+    Body: flags u8 (bit i: SYNC_BUFFERS[i] follows) | [scales 2 x f64, with u/v] | w | buffers."""
     flags = sum(1 << i for i, name in enumerate(SYNC_BUFFERS) if name in buffers)
-    body = bytearray([flags]) + w.float().numpy().astype("<f4").tobytes()
+    if ("u" in buffers) != ("v" in buffers):
+        raise ValueError("a sync carries both predictor buffers or neither")
+    body = bytearray([flags])
+    if "u" in buffers:
+        body += _SCALES.pack(*buffers["scale"].tolist())
+    body += w.float().numpy().astype("<f4").tobytes()
     for name in SYNC_BUFFERS:
         if name in buffers:
             body += buffers[name].double().numpy().astype("<f8").tobytes()
@@ -231,18 +238,24 @@ def encode_sync(w: torch.Tensor, buffers: dict[str, torch.Tensor]) -> bytes:
 
 
 def decode_sync(payload: bytes) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(w, buffers); buffers the sync does not carry come back as zeros."""
+    """(w, buffers); the predictor buffers come with their scales (zeros and unit scales when
+    the sync does not carry them), a missing velocity as zeros."""
     frame = unpack_frame(payload, expect="hgc.sync")
     d, body = frame.numel, frame.body
-    if not body or body[0] >= 1 << len(SYNC_BUFFERS):
+    if not body or body[0] >= 1 << len(SYNC_BUFFERS) or (body[0] & 1) != (body[0] >> 1 & 1):
         raise PayloadError("bad HGC sync flags")
     present = [name for i, name in enumerate(SYNC_BUFFERS) if body[0] >> i & 1]
-    if len(body) != 1 + 4 * d + 8 * d * len(present):
+    head = 1 + (_SCALES.size if "u" in present else 0)
+    if len(body) != head + 4 * d + 8 * d * len(present):
         raise PayloadError(f"HGC sync body of {len(body)} bytes does not fit d={d}")
-    w = torch.from_numpy(np.frombuffer(body, "<f4", d, 1).astype(np.float32))
+    scale = _SCALES.unpack_from(body, 1) if "u" in present else (1.0, 1.0)
+    if not all(np.isfinite(scale)) or min(scale) <= 0:
+        raise PayloadError("bad HGC predictor scales")
+    w = torch.from_numpy(np.frombuffer(body, "<f4", d, head).astype(np.float32))
     buffers = {name: torch.zeros(d, dtype=torch.float64) for name in SYNC_BUFFERS}
     for i, name in enumerate(present):
-        buffers[name] = torch.from_numpy(np.frombuffer(body, "<f8", d, 1 + 4 * d + 8 * d * i).astype(np.float64))
+        buffers[name] = torch.from_numpy(np.frombuffer(body, "<f8", d, head + 4 * d + 8 * d * i).astype(np.float64))
+    buffers["scale"] = torch.tensor(scale, dtype=torch.float64)
     return w, buffers
 
 

@@ -92,18 +92,34 @@ def dirichlet(
     return [np.sort(m) for m in merged]
 
 
-def volume_skew_weights(num_clients: int, skew_ratio: float, seed: int, noise_alpha: float = 0.5) -> np.ndarray:
+SERIES = ("arithmetic", "geometric")
+
+
+def volume_skew_weights(
+    num_clients: int, skew_ratio: float, seed: int, noise_alpha: float = 0.5, series: str = "arithmetic",
+) -> np.ndarray:
     """Data-volume fractions p_1 >= ... >= p_n with p_1 / p_n = skew_ratio (DAGC Sec. V-A).
 
-    The paper takes an arithmetic series from p_1 down to p_n and perturbs p_2..p_{n-1} with
-    Dirichlet(0.5) noise, keeping the order. We realise that by drawing the n-1 gaps between
-    consecutive p_i from Dirichlet(noise_alpha): the expected gaps are equal (the arithmetic
-    series), the series stays descending, and the endpoints, hence SR, are exact.
+    ``arithmetic`` (the paper's text): an arithmetic series from p_1 down to p_n with
+    p_2..p_{n-1} perturbed by Dirichlet(0.5) noise, keeping the order. We draw the n-1 gaps
+    between consecutive p_i from Dirichlet(noise_alpha): the expected gaps are equal, the
+    series stays descending, and the endpoints, hence SR, are exact.
+
+    ``geometric`` (the authors' code, Jiang-Yutong/DAGC ``get_skew_distribution``): n-1
+    log-spaced sizes from SR down to 1, the last repeated (so the two smallest clients share
+    p_n), no noise. Under the arithmetic series most clients sit near the middle and SR 100
+    and 1000 give nearly the same allocation; log spacing keeps the skew at every scale.
     """
     if skew_ratio < 1:
         raise ValueError(f"skew_ratio must be >= 1, got {skew_ratio}")
+    if series not in SERIES:
+        raise ValueError(f"series must be one of {SERIES}, got {series!r}")
     if num_clients == 1:
         return np.ones(1)
+    if series == "geometric":
+        p = np.logspace(np.log10(skew_ratio), 0, num_clients - 1)
+        p = np.append(p, p[-1])
+        return p / p.sum()
     rng = np.random.default_rng(seed)
     gaps = rng.dirichlet(np.full(num_clients - 1, noise_alpha)) * (skew_ratio - 1.0)
     p = skew_ratio - np.concatenate([[0.0], np.cumsum(gaps)])  # p_n == 1 up to rounding
@@ -126,7 +142,7 @@ def _counts_from_weights(weights: np.ndarray, total: int, min_samples: int) -> n
 
 def volume_skew(
     labels: np.ndarray, num_clients: int, skew_ratio: float, seed: int,
-    label_alpha: float | None = None, min_samples: int = 1,
+    label_alpha: float | None = None, min_samples: int = 1, series: str = "arithmetic",
 ) -> list[np.ndarray]:
     """Clients of very different sizes (DAGC's skew-ratio partitions).
 
@@ -136,7 +152,7 @@ def volume_skew(
     """
     _check(len(labels), num_clients, min_samples)
     rng = np.random.default_rng(seed)
-    sizes = _counts_from_weights(volume_skew_weights(num_clients, skew_ratio, seed), len(labels), min_samples)
+    sizes = _counts_from_weights(volume_skew_weights(num_clients, skew_ratio, seed, series=series), len(labels), min_samples)
     if label_alpha is None:
         perm = rng.permutation(len(labels))
         return [np.sort(p) for p in np.split(perm, np.cumsum(sizes)[:-1])]
@@ -191,7 +207,7 @@ def make_partition(cfg, labels: np.ndarray, num_classes: int, num_clients: int, 
     elif name == "dirichlet":
         parts = dirichlet(labels, num_clients, cfg.alpha, seed, min_samples=cfg.min_samples)
     elif name == "volume_skew":
-        parts = volume_skew(labels, num_clients, cfg.skew_ratio, seed, cfg.label_alpha, cfg.min_samples)
+        parts = volume_skew(labels, num_clients, cfg.skew_ratio, seed, cfg.label_alpha, cfg.min_samples, cfg.get("series", "arithmetic"))
     elif name == "shards":
         parts = shards(labels, num_clients, cfg.shards_per_client, seed)
     elif name == "explicit":
