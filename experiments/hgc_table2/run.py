@@ -1,17 +1,24 @@
-"""Reproduce HGC's Table 2-4 comparison on FashionMNIST with cnn4 (003_... Sec. 5).
+"""Reproduce HGC's Tables 2-4 on FashionMNIST with cnn4 (003_... Sec. 5), on one recipe for all.
 
-    .venv/bin/python experiments/hgc_table2/run.py [--rounds 120] [--only 4iid|10dir]
+    .venv/bin/python experiments/hgc_table2/run.py [--rounds 3000] [--seeds 0 1 2] [--only 4iid|10dir] [--jobs 2]
+
+Recipe, shared by every method (the paper's FedAvg baseline as its reference code, SOFF, runs
+it): one local SGD step of batch 32 per round, lr 0.05 divided by 10 at 50% and 75% of the
+rounds, weight decay 1e-3, and each client's optimizer kept across rounds
+(``train.optimizer_state=persistent``) with its momentum ramped 0 -> 0.3 -> 0.6 -> 0.9 at 5%,
+10% and 15% of the rounds. DGC's momentum correction takes that same momentum
+(``compressor.up.momentum=null``; the client's optimizer then runs without it). Every
+sparsifier warms up from 25% to its ratio over the paper's 300 rounds.
 
 Settings: 4 clients with IID data (the paper's client count) and 10 clients with
-Dirichlet(0.5) labels. Methods: FedAvg, DGC, EF-signSGD, STC, HGC at sparsity 0.1% and 1-bit
-quantization; HGC also at (1%, 1 bit) and (0.1%, 2 bits), and, for Table 3, with the
-temporal (prediction) and cross-client (shared mask) mechanisms switched off. Every run uses
-the same local training (5 SGD steps of batch 32 per round, lr 0.05 divided by 10 at 50% and
-75% of the rounds), the 1000 Mbit/s network model, and a sparsification warm-up over the
-first 10% of rounds for every sparsifier, as the paper does.
+Dirichlet(0.5) labels. Methods: FedAvg, DGC, EF-signSGD, STC (0.1%, both ways), HGC at 0.1%
+and 1 bit with Sec. 3.2's window (ratio 1% for 1% of the rounds either side of each LR step,
+then error feedback and momentum cleared); on 4 IID clients also HGC at (1%, 1 bit),
+(0.1%, 2 bits), with the paper's fp32 downlink, and, for Table 3 (first seed), with the
+temporal (prediction) and cross-client (shared mask) mechanisms switched off.
 
 Each run is a `fedcomp` command; runs whose summary.json exists are not repeated. Results:
-results/table2.md (Tables 2-4), results/summary.json, results/accuracy_vs_bytes.png.
+results/table2.md, results/summary.json, results/accuracy.png.
 """
 
 from __future__ import annotations
@@ -24,55 +31,69 @@ import numpy as np
 
 from fedcomp.metrics.accounting import speedup
 from fedcomp.network import ClientLink, shared_mask_round_time
-from fedcomp.runs import run_once, write_results
+from fedcomp.runs import run_many, write_results
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNS = ROOT / "outputs" / "hgc_table2"
 RESULTS = Path(__file__).parent / "results"
+PAPER_WARMUP = 300  # rounds of sparsification-ratio warm-up (003_... Sec. 5)
 
 SETTINGS = {
     "4iid": ["simulation.num_clients=4", "partition=iid"],
     "10dir": ["simulation.num_clients=10", "partition=dirichlet", "partition.alpha=0.5"],
 }
+MAIN = ("FedAvg", "DGC", "EF-signSGD", "STC", "HGC")  # in both settings
+EXTRA = ("HGC (1%, 1 bit)", "HGC (0.1%, 2 bits)", "HGC (paper downlink)")  # 4 IID clients only
+ABLATIONS = ("HGC | no prediction", "HGC | no prediction, own masks")  # Table 3, first seed, 4 IID
+
+
+def recipe(rounds: int) -> list[str]:
+    ramp = [[round(f * rounds), m] for f, m in ((0.05, 0.3), (0.10, 0.6), (0.15, 0.9))]
+    return [
+        "dataset=fmnist", "model=cnn4", "network=lan_1gbps", f"num_rounds={rounds}", "train.steps=1", "train.batch_size=32",
+        "train.lr=0.05", "train.weight_decay=0.001", "train.optimizer_state=persistent", "train.momentum=0.0",
+        f"train.momentum_ramp={ramp}".replace(" ", ""), "train.lr_milestones=[0.5,0.75]", f"eval_every={max(1, rounds // 20)}",
+    ]
 
 
 def methods(rounds: int) -> dict[str, list[str]]:
-    warm = max(1, rounds // 10)
-    hgc = lambda ratio, bits, *extra: ["strategy=hgc", f"strategy.ratio={ratio}", f"strategy.bits={bits}", f"strategy.warmup_rounds={warm}", *extra]
+    warm = min(PAPER_WARMUP, rounds // 10)
+    window = max(1, rounds // 100)
+
+    def hgc(ratio: float, bits: int, *extra: str) -> list[str]:
+        return ["strategy=hgc", f"strategy.ratio={ratio}", f"strategy.bits={bits}", f"strategy.warmup_rounds={warm}",
+                f"strategy.lr_step_window={window}", "strategy.lr_step_ratio=0.01", *extra]
+
     return {
         "FedAvg": ["compressor=none"],
-        "DGC": ["compressor=dgc", "compressor.up.ratio=0.001", f"compressor.up.warmup_rounds={warm}"],
-        "EF-signSGD": ["compressor=scaled_sign"],
+        "DGC": ["compressor=dgc", "compressor.up.ratio=0.001", "compressor.up.momentum=null", f"compressor.up.warmup_rounds={warm}"],
+        "EF-signSGD": ["compressor=scaled_sign", "compressor.up.error_feedback=true"],
         "STC": ["compressor=stc", "compressor.up.ratio=0.001", "compressor.down.ratio=0.001"],
         "HGC": hgc(0.001, 1),
         "HGC (1%, 1 bit)": hgc(0.01, 1),
         "HGC (0.1%, 2 bits)": hgc(0.001, 2),
-        # Investigation (4 clients only): DGC's momentum correction gives it momentum that the
-        # other methods lack; HGC with server momentum isolates that effect.
-        "HGC + momentum 0.9": hgc(0.001, 1, "strategy.momentum=0.9"),
+        "HGC (paper downlink)": hgc(0.001, 1, "strategy.broadcast=paper"),
+        "HGC | no prediction": hgc(0.001, 1, "strategy.predictive=false"),
+        "HGC | no prediction, own masks": hgc(0.001, 1, "strategy.predictive=false", "strategy.mask_policy=own"),
     }
-
-
-def ablations(rounds: int, variants: tuple[str, ...]) -> dict[str, list[str]]:
-    """For Table 3: HGC variants without prediction, and without prediction or shared mask."""
-    out = {}
-    for name, ov in methods(rounds).items():
-        if name in variants:
-            out[f"{name} | no prediction"] = [*ov, "strategy.predictive=false"]
-            out[f"{name} | no prediction, own masks"] = [*ov, "strategy.predictive=false", "strategy.mask_policy=own"]
-    return out
 
 
 def slug(name: str) -> str:
     return "".join(ch if ch.isalnum() else "_" for ch in name).strip("_")
 
 
-def run(setting: str, name: str, overrides: list[str], rounds: int) -> dict:
-    return run_once(RUNS / setting / slug(name), [
-        "dataset=fmnist", "model=cnn4", "network=lan_1gbps", f"num_rounds={rounds}", "train.steps=5",
-        "train.batch_size=32", "train.lr=0.05", "train.lr_milestones=[0.5,0.75]", f"eval_every={max(1, rounds // 10)}",
-        *SETTINGS[setting], *overrides,
-    ], f"[{setting}] {name}")
+def plan(rounds: int, seeds: list[int], settings: list[str]) -> list[tuple[str, str, int, Path, list[str]]]:
+    """(setting, method, seed, out_dir, overrides), most informative first: every method of the
+    first seed before any second seed."""
+    table = methods(rounds)
+    out = []
+    for seed in seeds:
+        for setting in settings:
+            names = MAIN + (EXTRA + (ABLATIONS if seed == seeds[0] else ()) if setting == "4iid" else ())
+            for name in names:
+                out.append((setting, name, seed, RUNS / f"r{rounds}" / setting / f"s{seed}" / slug(name),
+                            [*recipe(rounds), *SETTINGS[setting], *table[name], f"seed={seed}"]))
+    return out
 
 
 LINK = ClientLink(1e9, 1e9, 0.5e-3)  # network=lan_1gbps
@@ -80,7 +101,7 @@ LINK = ClientLink(1e9, 1e9, 0.5e-3)  # network=lan_1gbps
 
 def fixed_compute_time(s: dict, compute_s: float) -> float:
     """Simulated time of a run with every client's local compute set to ``compute_s``, so the
-    speedup compares communication alone and is immune to machine load while the runs were
+    speedup compares communication alone, whatever the machine's load while the runs were
     measured. Same round-time model as the strategies (fedcomp.network): a synchronous round
     lasts as long as its slowest client; under HGC's shared mask the members compress only
     after the owner (the client carrying the mask: the largest upload) is done."""
@@ -93,10 +114,34 @@ def fixed_compute_time(s: dict, compute_s: float) -> float:
             continue
         owner = max(parties, key=lambda p: p[1])
         members = [p for p in parties if p is not owner]
-        # Members' downlink carries the relayed mask on top of what the owner received.
-        mask = max(0, max(p[2] for p in members) - owner[2])
+        mask = max(0, max(p[2] for p in members) - owner[2])  # the relayed mask, on top of the owner's downlink
         total += shared_mask_round_time(owner, members, mask)
     return total
+
+
+def plateau_round(rows: list[dict], tolerance: float = 0.005) -> int:
+    """The first evaluated round from which test accuracy stays within ``tolerance`` of the
+    run's final accuracy."""
+    evaluated = [(r["round"], r["accuracy"]) for r in rows if r["accuracy"] is not None]
+    final = evaluated[-1][1]
+    for i, (rnd, _) in enumerate(evaluated):
+        if all(abs(a - final) <= tolerance for _, a in evaluated[i:]):
+            return rnd
+    return evaluated[-1][0]
+
+
+def ratios_without_first_sync(s: dict) -> dict[str, float]:
+    """Total CR down and total with round 1's downlink (the initial model sync) left out of
+    both the method's bytes and the dense reference."""
+    clients = [c for r in s["rows"] for c in r["clients"].values()]
+    later = [c for r in s["rows"] if r["round"] > 1 for c in r["clients"].values()]
+    dense = s["dense_payload_bytes"]
+    up, down = sum(c["bytes_up"] for c in clients), sum(c["bytes_down"] for c in later)
+    return {"down": dense * len(later) / down, "total": dense * (len(clients) + len(later)) / (up + down)}
+
+
+def mean_std(values: list[float]) -> str:
+    return f"{np.mean(values):.4f} ± {np.std(values):.4f}" if len(values) > 1 else f"{values[0]:.4f}"
 
 
 def fmt(x: float) -> str:
@@ -105,86 +150,124 @@ def fmt(x: float) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rounds", type=int, default=120)
+    ap.add_argument("--rounds", type=int, default=3000)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--only", choices=sorted(SETTINGS))
-    ap.add_argument("--table3", nargs="+", default=["HGC"], help="HGC variants to decompose (each costs two more runs)")
+    ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--table-only", action="store_true", help="tabulate the finished runs, run nothing")
     args = ap.parse_args()
     settings = [args.only] if args.only else list(SETTINGS)
+    cells = plan(args.rounds, args.seeds, settings)
+    if not args.table_only:
+        run_many([(out, ov) for *_, out, ov in cells], jobs=args.jobs)
+    from fedcomp.runs import load_run
 
-    results: dict[str, dict[str, dict]] = {}
-    for setting in settings:
-        runs = methods(args.rounds) if setting == "4iid" else {k: v for k, v in methods(args.rounds).items() if "(" not in k and "+" not in k}
-        if setting == "4iid":
-            runs |= ablations(args.rounds, tuple(args.table3))
-        results[setting] = {name: run(setting, name, ov, args.rounds) for name, ov in runs.items()}
+    runs: dict[str, dict[str, dict[int, dict]]] = {}
+    for setting, name, seed, out, _ in cells:
+        if (out / "summary.json").is_file():
+            runs.setdefault(setting, {}).setdefault(name, {})[seed] = load_run(out)
+    tabulate(runs, args.rounds)
 
-    lines = [f"# HGC Table 2-4 on FashionMNIST / cnn4 ({args.rounds} rounds)", "",
-             "Regenerate: `.venv/bin/python experiments/hgc_table2/run.py" + (f" --rounds {args.rounds}" if args.rounds != 120 else "") + "`", ""]
-    for setting, runs in results.items():
-        fedavg = runs["FedAvg"]
-        # Reference compute: the median client round of the FedAvg run of this setting.
-        compute_ref = float(np.median([c["compute_s"] for r in fedavg["rows"] for c in r["clients"].values()]))
-        for s in runs.values():
-            s["fixed_time_s"] = fixed_compute_time(s, compute_ref)
-        lines += [f"## Table 2: {setting} ({'4 clients, IID' if setting == '4iid' else '10 clients, Dirichlet(0.5)'})", "",
-                  f"Speedup: FedAvg's simulated time over the method's for the same {args.rounds} rounds at 1000 Mbit/s, with every "
-                  f"client's compute fixed at FedAvg's median measured client round ({compute_ref * 1e3:.0f} ms).", "",
-                  "| method | Max CR up | Max CR down | Max CR total | Total CR up | Total CR down | Total CR total | speedup (1 Gbit/s) | final acc | best acc |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
-        for name, s in runs.items():
+
+def tabulate(runs: dict[str, dict[str, dict[int, dict]]], rounds: int) -> None:
+    lines = [f"# HGC Tables 2-4 on FashionMNIST / cnn4 ({rounds} rounds, one recipe for every method)", "",
+             "Regenerate: `.venv/bin/python experiments/hgc_table2/run.py" + (f" --rounds {rounds}" if rounds != 3000 else "") + " --jobs 2`", "",
+             "Recipe (every method): 1 local SGD step of batch 32 per round, lr 0.05 (x0.1 at 50% and 75% of the rounds), "
+             "weight decay 1e-3, persistent client optimizer with momentum 0 -> 0.3 -> 0.6 -> 0.9 at 5/10/15% of the rounds "
+             "(DGC's momentum correction takes it), sparsifier warm-up 25% -> target over 300 rounds. "
+             "Every cell ran on CPU (2-core machine, one thread per run). ± is the population std over seeds.", ""]
+    summary: dict = {}
+    for setting, methods_ in runs.items():
+        fedavg = methods_.get("FedAvg", {})
+        if not fedavg:
+            continue
+        seeds = sorted(fedavg)
+        plateaus = {seed: plateau_round(fedavg[seed]["rows"]) for seed in seeds}
+        compute_ref = float(np.median([c["compute_s"] for s in fedavg.values() for r in s["rows"] for c in r["clients"].values()]))
+        fed_time = {seed: fixed_compute_time(s, compute_ref) for seed, s in fedavg.items()}
+        title = "4 clients, IID" if setting == "4iid" else "10 clients, Dirichlet(0.5)"
+        lines += [f"## Table 2: {setting} ({title})", "",
+                  "FedAvg plateau (first evaluation after which accuracy stays within 0.5 points of its final value): "
+                  + ", ".join(f"seed {k}: round {v}" for k, v in plateaus.items()) + f" of {rounds}.", "",
+                  f"Speedup: FedAvg's simulated time over the method's for the same rounds at 1000 Mbit/s, every client's compute "
+                  f"fixed at FedAvg's median measured client round ({compute_ref * 1e3:.0f} ms). CR columns: seed {seeds[0]}; "
+                  "'w/o sync' leaves round 1's downlink (the initial model) out of the method's bytes and the dense reference.", "",
+                  "| method | seeds | final acc | best acc | Max CR up | Max CR down | Total CR up | Total CR down | Total CR total | "
+                  "Total CR down w/o sync | Total CR total w/o sync | speedup |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for name, by_seed in methods_.items():
             if "|" in name:
                 continue
-            m, t = s["max_cr"], s["total_cr"]
-            lines.append(f"| {name} | {fmt(m['up'])} | {fmt(m['down'])} | {fmt(m['total'])} | {fmt(t['up'])} | {fmt(t['down'])} | "
-                         f"{fmt(t['total'])} | {speedup(fedavg['fixed_time_s'], s['fixed_time_s']):.2f} | {s['final_accuracy']:.4f} | {s['best_accuracy']:.4f} |")
-        lines.append("")
-        if setting == "4iid":
-            lines += ["## Table 3: decomposition of HGC's Max CR up = CR_i x CR_c x CR_t (4 clients, IID)", "",
+            s = by_seed[min(by_seed)]
+            m, t, nosync = s["max_cr"], s["total_cr"], ratios_without_first_sync(s)
+            speed = np.mean([speedup(fed_time[k], fixed_compute_time(v, compute_ref)) for k, v in by_seed.items() if k in fed_time])
+            lines.append(f"| {name} | {len(by_seed)} | {mean_std([v['final_accuracy'] for v in by_seed.values()])} | "
+                         f"{mean_std([v['best_accuracy'] for v in by_seed.values()])} | {fmt(m['up'])} | {fmt(m['down'])} | "
+                         f"{fmt(t['up'])} | {fmt(t['down'])} | {fmt(t['total'])} | {fmt(nosync['down'])} | {fmt(nosync['total'])} | {speed:.2f} |")
+            summary.setdefault(setting, {})[name] = {
+                "final_accuracy": {k: v["final_accuracy"] for k, v in by_seed.items()},
+                "best_accuracy": {k: v["best_accuracy"] for k, v in by_seed.items()},
+                "max_cr": m, "total_cr": t, "total_cr_without_first_sync": nosync, "speedup": speed,
+            }
+        hgc = methods_.get("HGC", {})
+        common = sorted(set(hgc) & set(fedavg))
+        if common:
+            gap = [100 * (fedavg[k]["final_accuracy"] - hgc[k]["final_accuracy"]) for k in common]
+            lines += ["", "Claim (003_... Sec. 5.1): HGC within 0.5 points of FedAvg. Measured FedAvg - HGC: "
+                      + ", ".join(f"{g:+.2f}" for g in gap) + f" points (seeds {common}); mean {np.mean(gap):+.2f}: "
+                      + ("holds." if np.mean(gap) <= 0.5 else "does not hold."), ""]
+            summary[setting]["claim_gap_points"] = dict(zip(common, gap))
+            summary[setting]["fedavg_plateau_round"] = plateaus
+        if setting == "4iid" and all(a in methods_ for a in ABLATIONS):
+            full = methods_["HGC"][min(methods_["HGC"])]["max_cr"]["up"]
+            nopred = methods_[ABLATIONS[0]][min(methods_[ABLATIONS[0]])]["max_cr"]["up"]
+            own = methods_[ABLATIONS[1]][min(methods_[ABLATIONS[1]])]["max_cr"]["up"]
+            lines += ["## Table 3: decomposition of HGC's Max CR up = CR_i x CR_c x CR_t (4 clients, IID, first seed)", "",
                       "CR_i = Max CR up with own masks and no prediction; CR_c = (shared mask, no prediction) / (own masks, no prediction); "
-                      "CR_t = (shared mask, prediction) / (shared mask, no prediction). Each factor is measured by switching its mechanism off in an otherwise identical run.", "",
-                      "| (k/d, q) | CR_i | CR_c | CR_t | Max CR up | accuracy (full HGC) |", "|---|---|---|---|---|---|"]
-            for name, label in (("HGC", "0.001, 1"), ("HGC (1%, 1 bit)", "0.01, 1"), ("HGC (0.1%, 2 bits)", "0.001, 2")):
-                if f"{name} | no prediction" not in runs:
-                    continue
-                full = runs[name]["max_cr"]["up"]
-                nopred = runs[f"{name} | no prediction"]["max_cr"]["up"]
-                own = runs[f"{name} | no prediction, own masks"]["max_cr"]["up"]
-                lines.append(f"| {label} | {fmt(own)} | {fmt(nopred / own)} | {fmt(full / nopred)} | {fmt(full)} | {runs[name]['final_accuracy']:.4f} |")
-            lines += ["", "## Table 4: HGC variants over the whole run (4 clients, IID)", "",
+                      "CR_t = (shared mask, prediction) / (shared mask, no prediction).", "",
+                      "| (k/d, q) | CR_i | CR_c | CR_t | Max CR up |", "|---|---|---|---|---|",
+                      f"| 0.001, 1 | {fmt(own)} | {fmt(nopred / own)} | {fmt(full / nopred)} | {fmt(full)} |", ""]
+        if setting == "4iid":
+            lines += ["## Table 4: HGC variants over the whole run (4 clients, IID)", "",
                       "| (k/d, q) | Total CR up | speedup | accuracy |", "|---|---|---|---|"]
             for name, label in (("HGC", "0.001, 1"), ("HGC (1%, 1 bit)", "0.01, 1"), ("HGC (0.1%, 2 bits)", "0.001, 2")):
-                s = runs[name]
-                lines.append(f"| {label} | {fmt(s['total_cr']['up'])} | {speedup(fedavg['fixed_time_s'], s['fixed_time_s']):.2f} | {s['final_accuracy']:.4f} |")
+                if name in summary.get(setting, {}):
+                    row = summary[setting][name]
+                    lines.append(f"| {label} | {fmt(row['total_cr']['up'])} | {row['speedup']:.2f} | "
+                                 f"{mean_std(list(row['final_accuracy'].values()))} |")
             lines.append("")
-    write_results(RESULTS, lines, {
-        setting: {name: {k: s[k] for k in ("max_cr", "total_cr", "final_accuracy", "best_accuracy", "fixed_time_s", "total_bytes_up", "total_bytes_down")}
-                  for name, s in runs.items()} for setting, runs in results.items()}, table="table2.md")
-    plot(results)
+    write_results(RESULTS, lines, summary, table="table2.md")
+    plot(runs)
 
 
-def plot(results: dict[str, dict[str, dict]]) -> None:
+def plot(runs: dict[str, dict[str, dict[int, dict]]]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 4.5), squeeze=False)
-    for ax, (setting, runs) in zip(axes[0], results.items()):
-        for name, s in runs.items():
+    fig, axes = plt.subplots(2, len(runs), figsize=(6.5 * len(runs), 8.5), squeeze=False)
+    for col, (setting, methods_) in enumerate(runs.items()):
+        for name, by_seed in methods_.items():
             if "|" in name:
                 continue
-            total, xs, ys = 0, [], []
+            s = by_seed[min(by_seed)]
+            total, xs, ys, rounds = 0, [], [], []
             for r in s["rows"]:
                 total += r["bytes_up"] + r["bytes_down"]
                 if r["accuracy"] is not None:
                     xs.append(total / 1e6)
                     ys.append(r["accuracy"])
-            ax.plot(xs, ys, marker=".", label=name)
-        ax.set(xscale="log", xlabel="total bytes moved, up + down (MB, log)", ylabel="test accuracy", title=setting)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+                    rounds.append(r["round"])
+            axes[0][col].plot(rounds, ys, marker=".", label=name)
+            axes[1][col].plot(xs, ys, marker=".", label=name)
+        axes[0][col].set(xlabel="round", ylabel="test accuracy", title=f"{setting} (first seed)", ylim=(0.7, 0.95))
+        axes[1][col].set(xscale="log", xlabel="bytes moved, up + down (MB, log)", ylabel="test accuracy", ylim=(0.7, 0.95))
+        for ax in axes[:, col]:
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(RESULTS / "accuracy_vs_bytes.png", dpi=110)
+    fig.savefig(RESULTS / "accuracy.png", dpi=110)
 
 
 if __name__ == "__main__":
