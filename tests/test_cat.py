@@ -87,3 +87,12 @@ def test_cat_compressors_round_trip_and_recompute_every():
     t0 = slow.selector.t
     slow.compress(g * torch.exp(torch.randn(2000)))
     assert slow.selector.t == t0
+
+
+def test_fixed_budget_skips_the_search_and_keeps_the_step():
+    g = torch.randn(500, generator=torch.Generator().manual_seed(5))
+    fixed = build("cat", kind="sq", cost="packet", c0=512, c1=1024, packet_bits=1024, fpp=64, budget=7)
+    y = fixed.decompress(fixed.compress(g))
+    kept = y != 0
+    assert int(kept.sum()) == 7 and torch.equal(kept, torch.zeros(500, dtype=torch.bool).index_fill_(0, torch.topk(g.abs(), 7).indices, True))
+    assert torch.allclose(y[kept].abs(), torch.topk(g.abs(), 7).values.mean().expand(7))  # Lemma 3's step, as CAT's

@@ -1,16 +1,18 @@
-"""DAGC Table II style comparison on FashionMNIST with cnn4, 10 clients.
+"""DAGC Table II style comparison on FashionMNIST, 10 clients.
 
-Skew ratio {10, 100, 1000} (volume skew with Dirichlet(0.5) labels, Sec. V-A) x mean ratio
+Skew ratio {10, 100, 1000} (volume skew with Dirichlet(0.5) labels) x mean ratio
 {10%, 1%, 0.1%}; DAGC (Algorithm 2 and the exact optimum) vs Top-delta (uniform) vs ACCORDION
 (switching between the min and max of DAGC's ratios); top-k with error feedback, one local
 step per round; accuracy after a fixed number of rounds, mean and spread over seeds.
 
-For these near-arithmetic weights the exact minimiser of Phi is (nearly) uniform: where it
-gives every client the same k as Top-delta, the two runs would be identical, so the DAGC
-(exact) cell reuses the Top-delta run and the table says how many seeds did.
+``--series``: ``geometric`` (default) sizes the clients as the authors' code does
+(log-spaced, ``partition.series=geometric``); ``arithmetic`` follows the paper's text
+(results/arithmetic/, the earlier table). Where DAGC (exact) gives every client the same k as
+Top-delta, the two runs would be identical, so the DAGC (exact) cell reuses the Top-delta run
+and the table says how many seeds did.
 
-    .venv/bin/python experiments/dagc_table2/run.py [--rounds 300] [--seeds 0 1 2] [--jobs 2]
-        [--set train.device=cuda ...]
+    .venv/bin/python experiments/dagc_table2/run.py [--series geometric] [--model cnn4] [--rounds 300]
+        [--seeds 0 1 2] [--jobs 2] [--set train.device=cuda ...]
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from fedcomp.compression.selectors import budget
 from fedcomp.config import compose_config
 from fedcomp.data import load_dataset
 from fedcomp.models import StateLayout, build_model
-from fedcomp.partition import make_partition, volume_skew_weights
+from fedcomp.partition import make_partition
 from fedcomp.runs import run_many, write_results
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,8 +35,8 @@ RUNS = ROOT / "outputs" / "dagc_table2"
 RESULTS = Path(__file__).parent / "results"
 
 
-def methods(skew: float, mean: float, seed: int) -> dict[str, list[str]]:
-    deltas = dagc_ratios(volume_skew_weights(10, skew, seed), mean, "paper")
+def methods(weights: np.ndarray, mean: float) -> dict[str, list[str]]:
+    deltas = dagc_ratios(weights, mean, "paper")
     return {
         "Top-delta": ["controller=uniform", f"controller.ratio={mean}"],
         "DAGC (paper)": ["controller=dagc", f"controller.mean_ratio={mean}", "controller.method=paper"],
@@ -43,17 +45,23 @@ def methods(skew: float, mean: float, seed: int) -> dict[str, list[str]]:
     }
 
 
-def same_k_as_uniform(overrides: list[str], mean: float) -> bool:
-    """Whether DAGC (exact) on this run's partition keeps the same k on every client as Top-delta."""
+def partition_weights(overrides: list[str]) -> tuple[np.ndarray, int]:
+    """The data weights p_i of this run's actual partition (what the DAGC controllers see) and d."""
     cfg = compose_config(overrides)
     train, _ = load_dataset(cfg.dataset)
     weights = make_partition(cfg.partition, train.y.numpy(), train.num_classes, cfg.simulation.num_clients, cfg.seed).weights
-    d = StateLayout.of(build_model(cfg.model, train.input_shape, train.num_classes, cfg.seed)).numel
+    return weights, StateLayout.of(build_model(cfg.model, train.input_shape, train.num_classes, cfg.seed)).numel
+
+
+def same_k_as_uniform(weights: np.ndarray, d: int, mean: float) -> bool:
+    """Whether DAGC (exact) keeps the same k on every client as Top-delta."""
     return all(budget(d, float(r), None) == budget(d, mean, None) for r in dagc_ratios(weights, mean, "exact"))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--series", choices=["geometric", "arithmetic"], default="geometric")
+    ap.add_argument("--model", default="cnn4")
     ap.add_argument("--rounds", type=int, default=300)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--skews", type=float, nargs="+", default=[10.0, 100.0, 1000.0])
@@ -68,15 +76,18 @@ def main() -> None:
     for skew in args.skews:
         for mean in args.means:
             for seed in args.seeds:
-                base = ["dataset=fmnist", "model=cnn4", "simulation.num_clients=10", "partition=volume_skew",
-                        f"partition.skew_ratio={skew}", "partition.label_alpha=0.5", "compressor=topk",
-                        f"num_rounds={args.rounds}", f"train.steps={args.steps}", f"eval_every={args.rounds}", f"seed={seed}"]
-                reuse = same_k_as_uniform(base, mean)
+                base = ["dataset=fmnist", f"model={args.model}", "simulation.num_clients=10", "partition=volume_skew",
+                        f"partition.skew_ratio={skew}", "partition.label_alpha=0.5", f"partition.series={args.series}",
+                        "compressor=topk", f"num_rounds={args.rounds}", f"train.steps={args.steps}", f"eval_every={args.rounds}",
+                        f"seed={seed}"]
+                weights, d = partition_weights(base)
+                reuse = same_k_as_uniform(weights, d, mean)
                 if reuse:
                     shared.setdefault((skew, mean), []).append(seed)
-                for name, ov in methods(skew, mean, seed).items():
+                for name, ov in methods(weights, mean).items():
                     tag = "Top-delta" if reuse and name == "DAGC (exact)" else name.replace(" ", "_").replace("(", "").replace(")", "")
-                    run = RUNS / f"r{args.rounds}x{args.steps}_sr{skew:g}_d{mean:g}_s{seed}_{tag}"
+                    prefix = "" if args.series == "arithmetic" and args.model == "cnn4" else f"{args.series}_{args.model}_"
+                    run = RUNS / f"{prefix}r{args.rounds}x{args.steps}_sr{skew:g}_d{mean:g}_s{seed}_{tag}"
                     runs.setdefault(run, base + ov + args.set)
                     cells.append(((skew, mean, name), run))
     summaries = dict(zip(runs, run_many(list(runs.items()), args.jobs)))
@@ -85,9 +96,11 @@ def main() -> None:
     for cell, run in cells:
         accs.setdefault(cell, []).append(summaries[run]["final_accuracy"])
         on_gpu[cell] = on_gpu.get(cell, 0) + (summaries[run]["config"]["train"].get("device", "cpu") != "cpu")
-    lines = [f"# DAGC Table II style on FashionMNIST / cnn4 ({args.rounds} rounds x {args.steps} local steps, seeds {args.seeds})", "",
-             f"Regenerate: `.venv/bin/python experiments/dagc_table2/run.py --rounds {args.rounds} --steps {args.steps}"
-             + "".join(f" --set {o}" for o in args.set) + "`", "",
+    lines = [f"# DAGC Table II style on FashionMNIST / {args.model}, {args.series} skew series "
+             f"({args.rounds} rounds x {args.steps} local steps, seeds {args.seeds})", "",
+             f"Regenerate: `.venv/bin/python experiments/dagc_table2/run.py --series {args.series} --model {args.model} "
+             f"--rounds {args.rounds} --steps {args.steps}" + "".join(f" --set {o}" for o in args.set) + "`", "",
+             "Recipe (every method): top-k with error feedback, one SGD step of batch 32 per round, lr 0.05, no momentum.", "",
              "Accuracy after the last round; std over seeds (population std). DAGC (exact) shares the Top-delta",
              "run for the seeds listed (identical k on every client). Runs trained on a GPU (`train.device=cuda`)",
              "are counted in the last column; the others on CPU.", "",
@@ -98,8 +111,9 @@ def main() -> None:
         out[f"sr{skew:g}/d{mean:g}/{name}"] = a
         note = " ".join(map(str, shared.get((skew, mean), []))) if name == "DAGC (exact)" else ""
         lines.append(f"| {skew:g} | {mean:g} | {name} | {np.mean(a):.4f} | {np.std(a):.4f} | {note} | {on_gpu[skew, mean, name]} |")
-    write_results(RESULTS, lines, out)
-    plot(accs, RESULTS / "accuracy.png")
+    results = RESULTS / args.series
+    write_results(results, lines, out)
+    plot(accs, results / "accuracy.png")
 
 
 def plot(accs: dict[tuple[float, float, str], list[float]], path: Path) -> None:

@@ -128,13 +128,14 @@ def _ternary_search(f, lo: int, hi: int) -> int:
 
 
 class _CATSelector:
-    def __init__(self, kind: str, cost_args: dict, recompute_every: int) -> None:
+    def __init__(self, kind: str, cost_args: dict, recompute_every: int, budget: int | None) -> None:
         self.kind, self.cost_args, self.recompute_every = kind, cost_args, recompute_every
-        self.calls, self.t = 0, None
+        self.calls, self.t = 0, budget
+        self.fixed = budget is not None
         self.last_budget = 0
 
     def select(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.t is None or self.calls % self.recompute_every == 0:
+        if not self.fixed and (self.t is None or self.calls % self.recompute_every == 0):
             self.t = best_budget(x, self.kind, CostModel(d=x.numel(), **self.cost_args))
         self.calls += 1
         self.last_budget = t = min(self.t, x.numel())
@@ -155,10 +156,14 @@ class CAT(Recipe):
         self, kind: str = "sparsification", cost: str = "packet", fpp: int = 32,
         c0: float | None = None, c1: float | None = None, packet_bits: int = 1472 * 8,
         packet_overhead_bits: int = 54 * 8, uplink_mbps: float | None = None, latency_ms: float | None = None,
-        recompute_every: int = 1, seed: int = 0,
+        recompute_every: int = 1, budget: int | None = None, seed: int = 0,
     ) -> None:
+        """``budget``: a fixed T instead of the search -- the same compressor and step, untuned
+        (the fixed-T baselines of the paper's figures)."""
         if kind not in KINDS or cost not in COSTS:
             raise ValueError(f"kind must be one of {KINDS} and cost one of {COSTS}")
+        if budget is not None and budget < 1:
+            raise ValueError(f"budget must be >= 1 or null, got {budget}")
         if c1 is None:  # from the link: seconds per payload bit, or per packet
             bits = 1.0 if cost != "packet" else packet_bits + packet_overhead_bits
             c1 = bits / (uplink_mbps * 1e6) if uplink_mbps else bits
@@ -166,5 +171,5 @@ class CAT(Recipe):
             c0 = latency_ms / 1e3 if latency_ms is not None else (packet_overhead_bits if cost == "affine" else 0.0)
         cost_args = dict(kind=kind, fpp=fpp, cost=cost, c0=c0, c1=c1, packet_bits=packet_bits)
         values = ScaledSign("mean_abs") if kind == "sq" else Float32Values()
-        super().__init__(_CATSelector(kind, cost_args, recompute_every), values, seed)
+        super().__init__(_CATSelector(kind, cost_args, recompute_every, budget), values, seed)
         self.kind = kind
