@@ -14,12 +14,28 @@ def test_bitpack_round_trip(width, values):
     vals = np.array([v & ((1 << width) - 1) for v in values], dtype=np.uint64)
     blob = pack_bits(vals, width)
     assert len(blob) == -(-len(vals) * width // 8)
-    assert np.array_equal(unpack_bits(blob, width, len(vals)), vals)
+    assert np.array_equal(unpack_bits(blob, width, len(vals), np.uint64), vals)
+
+
+@pytest.mark.parametrize("width", [1, 3, 8, 9, 17, 33])
+def test_bitpack_chunks_and_matches_the_bit_definition(width):
+    """Values spanning several chunks; each value is its width bits, MSB first."""
+    from fedcomp.coding import bitpack
+
+    n = 2 * bitpack._CHUNK + 13
+    vals = np.random.default_rng(width).integers(0, 2**width, size=n, dtype=np.uint64)
+    blob = pack_bits(vals, width)
+    bits = np.unpackbits(np.frombuffer(blob, np.uint8))[: n * width].reshape(n, width)
+    assert np.array_equal((bits.astype(np.uint64) << np.arange(width - 1, -1, -1, dtype=np.uint64)).sum(axis=1), vals)
+    out = unpack_bits(blob, width, n)
+    assert out.dtype == np.int64 and np.array_equal(out, vals.astype(np.int64))
 
 
 def test_bitpack_rejects_values_too_wide_and_short_input():
     with pytest.raises(ValueError, match="fit"):
         pack_bits(np.array([4]), 2)
+    with pytest.raises(ValueError, match="fit"):
+        pack_bits(np.array([-1]), 8)
     with pytest.raises(PayloadError, match="truncated"):
         unpack_bits(b"\x00", 3, 3)
 

@@ -24,9 +24,9 @@ class WireTap(InlineGrid):
 
     def send_and_receive(self, messages, *, timeout=None):
         messages = list(messages)
-        self.down.append({m.metadata.dst_node_id: len(m.content[M.DOWN][M.PAYLOAD]) for m in messages})
         replies = super().send_and_receive(messages, timeout=timeout)
-        if messages:
+        if messages and M.DOWN in messages[0].content:  # train messages (not the partition queries)
+            self.down.append({m.metadata.dst_node_id: len(m.content[M.DOWN][M.PAYLOAD]) for m in messages})
             self.up.append({r.metadata.src_node_id: len(r.content[M.UP][M.PAYLOAD]) for r in replies})
         return replies
 
@@ -43,7 +43,7 @@ def test_bytes_counted_equal_payloads_sent(fast_cfg, tmp_path):
     grid = WireTap(make_client_app(cfg), cfg.simulation.num_clients)
     summary = run_server(grid, cfg, tmp_path)
     rows = read_jsonl(tmp_path / "metrics.jsonl")
-    train_rounds = [d for d in grid.down if d]  # evaluation exchanges carry no messages
+    train_rounds = grid.down
     assert len(rows) == len(train_rounds) == len(grid.up) == 3
     for row, down, up in zip(rows, train_rounds, grid.up):
         assert row["num_clients"] == 2 == len(down)  # fraction 0.5 of 4

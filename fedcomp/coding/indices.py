@@ -88,7 +88,7 @@ def decode_indices(blob: bytes, d: int) -> np.ndarray:
         if len(body):
             raise PayloadError("trailing bytes after an empty index set")
         return np.zeros(0, dtype=np.int64)
-    remainders = unpack_bits(body[:rem_bytes], b, k).astype(np.int64)
+    remainders = unpack_bits(body[:rem_bytes], b, k)
     unary = np.unpackbits(np.frombuffer(body[rem_bytes:], dtype=np.uint8))
     zeros = np.flatnonzero(unary == 0)
     if zeros.size < k:

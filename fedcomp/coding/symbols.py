@@ -12,10 +12,13 @@ Blob layout: version u8 | method u8 | alphabet u32 | count u64 | method body, wh
 body is alphabet x LEB128 counts, then the coder's u32 words (little-endian).
 
 A decoder cannot learn from a range-coded body how many symbols it holds, and a near-certain
-symbol costs almost nothing, so a crafted header could claim 2^40 symbols in a few bytes. The
-encoder therefore caps every probability at 2^(-1/256) (each symbol costs at least 1/256 bit,
-binding only when one symbol exceeds 99.7% of the message) and the decoder refuses counts
-beyond what the body can hold under that cap, before it allocates anything.
+symbol costs almost nothing, so a crafted header could claim 2^40 symbols in a few bytes.
+Receivers therefore say how many symbols they expect (``count``: they know the tensor's
+shape or the mask's size) and a header claiming anything else is refused before any buffer
+is made; deflated bodies inflate at most to the size those symbols need. Without ``count``,
+the encoder's cap on every probability at 2^(-1/256) (each symbol costs at least 1/256 bit,
+binding only when one symbol exceeds 99.7% of the message) still bounds the claim by the
+body's length.
 """
 
 from __future__ import annotations
@@ -91,30 +94,38 @@ def encode_symbols(symbols: np.ndarray, alphabet: int, deflate: bool = False) ->
     if symbols.size and (symbols.min() < 0 or symbols.max() >= alphabet):
         raise ValueError(f"symbols must lie in [0, {alphabet})")
     header = _HEADER.pack(SYMBOL_CODE_VERSION, RAW, alphabet, symbols.size)
-    raw = pack_bits(symbols, symbol_width(alphabet))
+    width = symbol_width(alphabet)
     if alphabet == 1 or symbols.size == 0:
-        return header + raw
+        return header + pack_bits(symbols, width)
     counts = np.bincount(symbols, minlength=alphabet)
     encoder = constriction.stream.queue.RangeEncoder()
     encoder.encode(symbols.astype(np.int32), _model(counts))
-    candidates = {RAW: raw, RANGE: _leb128(counts) + encoder.get_compressed().astype("<u4").tobytes()}
-    if deflate:
-        candidates[DEFLATE] = zlib.compress(raw, 9)
+    ranged = _leb128(counts) + encoder.get_compressed().astype("<u4").tobytes()
+    raw_size = -(-symbols.size * width // 8)
+    if not deflate:  # raw packing is only worth building when it is the one sent
+        method, body = (RANGE, ranged) if len(ranged) < raw_size else (RAW, pack_bits(symbols, width))
+        return _HEADER.pack(SYMBOL_CODE_VERSION, method, alphabet, symbols.size) + body
+    raw = pack_bits(symbols, width)
+    candidates = {RAW: raw, RANGE: ranged, DEFLATE: zlib.compress(raw, 9)}
     method = min(candidates, key=lambda m: len(candidates[m]))
     return _HEADER.pack(SYMBOL_CODE_VERSION, method, alphabet, symbols.size) + candidates[method]
 
 
-def decode_symbols(blob: bytes | memoryview, alphabet: int | None = None) -> np.ndarray:
-    """Decode :func:`encode_symbols` output to int64 symbols. ``alphabet``, if given, must
-    match the header. Raises ``PayloadError`` on malformed input."""
+def decode_symbols(blob: bytes | memoryview, alphabet: int | None = None, count: int | None = None) -> np.ndarray:
+    """Decode :func:`encode_symbols` output to int64 symbols. ``alphabet`` and ``count``, if
+    given, must match the header (checked before anything is allocated). Raises
+    ``PayloadError`` on malformed input."""
     data = memoryview(blob)
     if len(data) < _HEADER.size:
         raise PayloadError(f"symbol blob of {len(data)} bytes is shorter than its header")
-    version, method, size, count = _HEADER.unpack_from(data)
+    version, method, size, claimed = _HEADER.unpack_from(data)
     if version != SYMBOL_CODE_VERSION:
         raise PayloadError(f"unsupported symbol code version {version}")
     if not 1 <= size <= MAX_ALPHABET or (alphabet is not None and size != alphabet):
         raise PayloadError(f"symbol alphabet {size} is not the expected {alphabet}")
+    if count is not None and claimed != count:
+        raise PayloadError(f"symbol stream claims {claimed} symbols, {count} expected")
+    count = claimed
     body = data[_HEADER.size :]
     if method == DEFLATE:
         expected = -(-count * symbol_width(size) // 8)
@@ -136,7 +147,7 @@ def decode_symbols(blob: bytes | memoryview, alphabet: int | None = None) -> np.
             return np.zeros(count, dtype=np.int64)
         if len(body) != -(-count * width // 8):
             raise PayloadError(f"raw symbol body is {len(body)} bytes, {count} x {width} bits need {-(-count * width // 8)}")
-        out = unpack_bits(body, width, count).astype(np.int64)
+        out = unpack_bits(body, width, count)
         if out.size and out.max() >= size:
             raise PayloadError("raw symbol outside the alphabet")
         return out

@@ -11,7 +11,9 @@ class Compressor(ABC):
     """Turns a tensor into self-describing bytes and back.
 
     ``decompress(compress(x))`` has the shape and dtype of ``x`` and is the compressor's lossy
-    reconstruction of it. Implementations raise ``PayloadError`` on any malformed payload.
+    reconstruction of it. Implementations raise ``PayloadError`` on any malformed payload; a
+    receiver that knows what it expects (the model layout) passes ``shape`` and ``dtype`` and a
+    payload describing anything else is refused before decoding allocates anything.
 
     Stateful compressors (error feedback, AdaComp's residue) expose their state as named
     tensors through ``state()``/``load_state()`` so a Flower client can keep it in its
@@ -25,7 +27,7 @@ class Compressor(ABC):
     def compress(self, x: torch.Tensor) -> bytes: ...
 
     @abstractmethod
-    def decompress(self, payload: bytes) -> torch.Tensor: ...
+    def decompress(self, payload: bytes, shape: tuple[int, ...] | None = None, dtype: torch.dtype | None = None) -> torch.Tensor: ...
 
     def state(self) -> dict[str, torch.Tensor]:
         return {}

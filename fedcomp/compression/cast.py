@@ -25,8 +25,8 @@ class _Cast(Compressor):
         body = np.asarray(raw.numpy(), dtype=self.wire_words).tobytes()
         return pack_frame(self.name, x.dtype, tuple(x.shape), body)
 
-    def decompress(self, payload: bytes) -> torch.Tensor:
-        frame = unpack_frame(payload, expect=self.name)
+    def decompress(self, payload: bytes, shape: tuple[int, ...] | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        frame = unpack_frame(payload, expect=self.name, shape=shape, dtype=dtype)
         itemsize = np.dtype(self.wire_words).itemsize
         if len(frame.body) != frame.numel * itemsize:
             raise PayloadError(

@@ -28,8 +28,8 @@ class ErrorFeedback(Compressor):
         self.residual = corrected - self.inner.decompress(payload).reshape(-1).float()
         return payload
 
-    def decompress(self, payload: bytes) -> torch.Tensor:
-        return self.inner.decompress(payload)
+    def decompress(self, payload: bytes, shape: tuple[int, ...] | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.inner.decompress(payload, shape, dtype)
 
     def state(self) -> dict[str, torch.Tensor]:
         return {"residual": self.residual, **{f"inner.{k}": v for k, v in self.inner.state().items()}}

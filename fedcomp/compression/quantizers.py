@@ -39,10 +39,11 @@ def _unpack_ternary(blob: memoryview, n: int, what: str) -> torch.Tensor:
 
 
 def _symbols(blob: memoryview, alphabet: int, n: int, what: str) -> np.ndarray:
-    symbols = decode_symbols(blob, alphabet)
-    if symbols.size != n:
-        raise PayloadError(f"{what} holds {symbols.size} values, the index set has {n}")
-    return symbols
+    """Exactly n symbols (a stream claiming another count is refused before decoding)."""
+    try:
+        return decode_symbols(blob, alphabet, count=n)
+    except PayloadError as exc:
+        raise PayloadError(f"{what}: {exc}") from None
 
 
 class Float32Values:

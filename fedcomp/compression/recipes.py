@@ -50,8 +50,8 @@ class Recipe(Compressor):
         body += self.values.encode(vals, flat, self.generator)
         return pack_frame(self.name, x.dtype, tuple(x.shape), bytes(body))
 
-    def decompress(self, payload: bytes) -> torch.Tensor:
-        frame = unpack_frame(payload, expect=self.name)
+    def decompress(self, payload: bytes, shape: tuple[int, ...] | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        frame = unpack_frame(payload, expect=self.name, shape=shape, dtype=dtype)
         body = memoryview(frame.body)
         if not body:
             raise PayloadError("empty compressor body")

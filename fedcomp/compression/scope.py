@@ -39,8 +39,8 @@ class Layerwise(Compressor):
             body += _LEN.pack(len(payload)) + payload
         return pack_frame(self.name, x.dtype, tuple(x.shape), bytes(body))
 
-    def decompress(self, payload: bytes) -> torch.Tensor:
-        frame = unpack_frame(payload, expect=self.name)
+    def decompress(self, payload: bytes, shape: tuple[int, ...] | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        frame = unpack_frame(payload, expect=self.name, shape=shape, dtype=dtype)
         body = memoryview(frame.body)
         if len(body) < _COUNT.size or _COUNT.unpack_from(body)[0] != len(self.sizes):
             raise PayloadError(f"layer-wise payload does not hold {len(self.sizes)} layers")
@@ -54,9 +54,7 @@ class Layerwise(Compressor):
             pos += _LEN.size
             if n > len(body) - pos:
                 raise PayloadError("layer payload overruns the layer-wise body")
-            chunk = part.decompress(bytes(body[pos : pos + n])).reshape(-1)
-            if chunk.numel() != size:
-                raise PayloadError(f"layer payload holds {chunk.numel()} values, expected {size}")
+            chunk = part.decompress(bytes(body[pos : pos + n]), (size,)).reshape(-1)
             chunks.append(chunk.float())
             pos += n
         if pos != len(body):

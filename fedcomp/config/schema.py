@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -36,8 +37,13 @@ class SimulationConfig:
     backend: str = "inline"
     client_cpus: float = 1.0
     client_gpus: float = 0.0
+    # hmac: every payload carries an HMAC-SHA256 tag (32 bytes, counted); key from
+    # integrity_key (hex) or, in simulation, derived from the seed.
+    integrity: str = "none"
+    integrity_key: Optional[str] = None
 
     def __post_init__(self) -> None:
+        _require(self.integrity in ("none", "hmac"), "simulation.integrity", "must be none or hmac", self.integrity)
         _require(self.num_clients >= 1, "simulation.num_clients", "must be >= 1", self.num_clients)
         _require(0 < self.fraction <= 1, "simulation.fraction", "must be in (0, 1]", self.fraction)
         _require(self.backend in ("inline", "ray"), "simulation.backend", "must be 'inline' or 'ray'", self.backend)
@@ -198,18 +204,34 @@ PARTITIONS = {
 
 @dataclass
 class Heterogeneity:
-    """How per-client links differ: ``none``; ``lognormal`` (bandwidth x exp(N(-s^2/2, s^2)),
-    mean factor 1); or ``csv`` (columns client, uplink_mbps, downlink_mbps, latency_ms,
-    speed_factor; missing columns fall back to the preset)."""
+    """How clients' profiles differ: ``none``; ``lognormal`` (bandwidths x exp(N(-s^2/2, s^2)),
+    device speed likewise with ``compute_sigma``; mean factor 1); or ``csv`` (a trace: columns
+    client and any of uplink_mbps, downlink_mbps, latency_ms, gflops, from_s)."""
 
     kind: str = "none"
     sigma: float = 0.5
+    compute_sigma: float = 0.0
     path: Optional[str] = None
 
     def __post_init__(self) -> None:
         _require(self.kind in ("none", "lognormal", "csv"), "network.heterogeneity.kind", "must be none, lognormal or csv", self.kind)
         _require(self.sigma >= 0, "network.heterogeneity.sigma", "must be >= 0", self.sigma)
+        _require(self.compute_sigma >= 0, "network.heterogeneity.compute_sigma", "must be >= 0", self.compute_sigma)
         _require(self.kind != "csv" or bool(self.path), "network.heterogeneity.path", "is required when kind=csv", self.path)
+        _require(self.kind != "csv" or Path(self.path).is_file(), "network.heterogeneity.path", "no such file", self.path)
+
+
+@dataclass
+class AvailabilityConfig:
+    """Which clients can be sampled: ``trace`` (CSV client, from_s, to_s: online intervals) and
+    ``dropout`` (probability a sampled client drops out mid-round)."""
+
+    dropout: float = 0.0
+    trace: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.dropout < 1, "network.availability.dropout", "must be in [0, 1)", self.dropout)
+        _require(self.trace is None or Path(self.trace).is_file(), "network.availability.trace", "no such file", self.trace)
 
 
 @dataclass
@@ -218,15 +240,23 @@ class NetworkConfig:
     uplink_mbps: float = 1000.0
     downlink_mbps: float = 1000.0
     latency_ms: float = 0.0
-    # Local compute time = measured seconds x compute_scale x the client's speed factor.
-    compute_scale: float = 1.0
+    device_gflops: float = 50.0  # the clients' training throughput
+    server_gflops: float = 50.0  # the server's, for decoding uploads
+    # flops: compute time = training FLOPs / device speed (deterministic); measured: the host's clock.
+    compute: str = "flops"
+    # model: codec time from the calibrated table; measured: the host's clock; none: free.
+    codec: str = "model"
     heterogeneity: Heterogeneity = field(default_factory=Heterogeneity)
+    availability: AvailabilityConfig = field(default_factory=AvailabilityConfig)
 
     def __post_init__(self) -> None:
         _require(self.uplink_mbps > 0, "network.uplink_mbps", "must be > 0", self.uplink_mbps)
         _require(self.downlink_mbps > 0, "network.downlink_mbps", "must be > 0", self.downlink_mbps)
         _require(self.latency_ms >= 0, "network.latency_ms", "must be >= 0", self.latency_ms)
-        _require(self.compute_scale >= 0, "network.compute_scale", "must be >= 0", self.compute_scale)
+        _require(self.device_gflops > 0, "network.device_gflops", "must be > 0", self.device_gflops)
+        _require(self.server_gflops > 0, "network.server_gflops", "must be > 0", self.server_gflops)
+        _require(self.compute in ("flops", "measured"), "network.compute", "must be flops or measured", self.compute)
+        _require(self.codec in ("model", "measured", "none"), "network.codec", "must be model, measured or none", self.codec)
 
 
 def register_schema() -> None:

@@ -12,6 +12,7 @@ HGC's buffers.
 
 from __future__ import annotations
 
+import time
 from functools import lru_cache
 
 import torch
@@ -21,24 +22,27 @@ from omegaconf import DictConfig
 
 from fedcomp.config import compose_config
 from fedcomp.fl import messages as M
-from fedcomp.fl.client_round import apply_resets, client_seed, train_round, uplink_compressor
+from fedcomp.fl.client_round import apply_resets, client_seed, open_payload, reply_record, train_round, uplink_compressor
 from fedcomp.fl.client_state import ClientState, client_state
 from fedcomp.fl.hgc_client import hgc_round
 from fedcomp.fl.runtime import Runtime, get_runtime
 
 
 def receive_model(rt: Runtime, down: ConfigRecord, state: ClientState) -> torch.Tensor:
-    """The global model this client now holds, from the downlink record (see strategy docs)."""
+    """The global model this client now holds, from the downlink record (see strategy docs).
+    Payloads must describe the model's flat float32 vector."""
     kind, version = down[M.KIND], int(down[M.VERSION])
+    expect = ((rt.layout.numel,), torch.float32)
+    payload = open_payload(rt, down)
     if kind == M.MODEL:
-        return rt.compressor("down").decompress(down[M.PAYLOAD]).reshape(-1).float()
+        return rt.compressor("down").decompress(payload, *expect)
     if kind == M.FULL:
-        replica = rt.full_codec.decompress(down[M.PAYLOAD]).reshape(-1).float()
+        replica = rt.full_codec.decompress(payload, *expect)
     elif kind == M.DELTA:
         held = state.number(M.REPLICA_VERSION)
         if held != version - 1:
             raise RuntimeError(f"delta to version {version} sent to a client holding version {held}")
-        step = rt.compressor("down").decompress(down[M.PAYLOAD]).reshape(-1).float()
+        step = rt.compressor("down").decompress(payload, *expect)
         replica = state.tensor(M.REPLICA, "w") + step
     else:
         raise ValueError(f"unknown downlink kind {kind!r}")
@@ -56,12 +60,16 @@ def train_on_client(cfg: DictConfig, msg: Message, context: Context) -> Message:
     apply_resets(state, config)
     if M.HGC in msg.content:
         return hgc_round(rt, msg, state, partition_id, seed)
+    start = time.perf_counter()
     received = receive_model(rt, msg.content[M.DOWN], state)
+    decode_s = time.perf_counter() - start
     up = uplink_compressor(rt, state, seed, config)
     result = train_round(rt, received, state, partition_id, seed, config, momentum_taken=up.take_momentum(float(config[M.MOMENTUM])))
+    start = time.perf_counter()
     payload = up.compress(result.update)
+    encode_s = time.perf_counter() - start
     state.put(M.UP_STATE, up.state())
-    content = RecordDict({M.UP: ConfigRecord({M.PAYLOAD: payload}), M.METRICS: result.metrics(partition_id)})
+    content = RecordDict({M.UP: reply_record(rt, payload), M.METRICS: result.metrics(partition_id, encode_s, decode_s)})
     return Message(content, reply_to=msg)
 
 

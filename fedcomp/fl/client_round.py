@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from fedcomp.compression import Compressor
 from fedcomp.fl import messages as M
 from fedcomp.fl.client_state import ClientState
-from fedcomp.fl.local import mean_gradient_sq_norm, train_local
+from fedcomp.fl.local import mean_gradient_sq_norm, samples_trained, train_local
 from fedcomp.fl.runtime import Runtime
 
 
@@ -46,15 +46,30 @@ def uplink_compressor(rt: Runtime, state: ClientState, seed: int, config: Config
 class LocalResult:
     update: torch.Tensor  # local model minus the received one, flat, CPU
     loss: float
-    compute_s: float
+    compute_s: float  # measured on the host (the simulated time is the server's model)
     num_examples: int
+    samples: int  # training samples processed
     grad_sq_norm: float
 
-    def metrics(self, partition_id: int) -> MetricRecord:
+    def metrics(self, partition_id: int, encode_s: float, decode_s: float) -> MetricRecord:
         return MetricRecord({
             "num-examples": self.num_examples, "train-loss": self.loss, "compute-s": self.compute_s,
-            "partition-id": partition_id, "grad-sq-norm": self.grad_sq_norm,
+            "partition-id": partition_id, "grad-sq-norm": self.grad_sq_norm, "samples": self.samples,
+            "encode-s": encode_s, "decode-s": decode_s,
         })
+
+
+def open_payload(rt: Runtime, record: ConfigRecord) -> bytes:
+    """A received payload, its HMAC tag checked when the run seals payloads."""
+    payload = record[M.PAYLOAD]
+    if rt.seal is not None:
+        rt.seal.check(payload, record.get(M.TAG))
+    return payload
+
+
+def reply_record(rt: Runtime, payload: bytes) -> ConfigRecord:
+    """The uplink record: the payload and, when the run seals payloads, its tag."""
+    return ConfigRecord({M.PAYLOAD: payload, M.TAG: rt.seal.tag(payload)} if rt.seal is not None else {M.PAYLOAD: payload})
 
 
 def train_round(
@@ -76,7 +91,9 @@ def train_round(
     if buffers is not None:
         state.put(M.OPT_STATE, buffers)
     update = rt.flat_model() - w
-    return LocalResult(update, loss, compute_s, len(indices), mean_gradient_sq_norm(update, len(indices), training))
+    n = len(indices)
+    samples = samples_trained(n, epochs=training["epochs"], steps=training["steps"], batch_size=training["batch_size"])
+    return LocalResult(update, loss, compute_s, n, samples, mean_gradient_sq_norm(update, n, training))
 
 
 def client_seed(cfg: DictConfig, config: ConfigRecord, partition_id: int) -> int:

@@ -38,20 +38,21 @@ from collections.abc import Iterable
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
 from fedcomp.coding import encode_indices
 from fedcomp.compression.selectors import budget
 from fedcomp.fl import messages as M
-from fedcomp.fl.strategy import CompressedFedAvg
+from fedcomp.fl.strategy import Arrival, ClientFault, CompressedFedAvg
 from fedcomp.hgc.codec import (
-    aggregate_entries,
+    aggregate,
     decode_uplink,
     encode_broadcast,
     encode_relay,
     encode_sync,
     entry_mask,
+    entry_values,
     hgc_step,
     momentum_step,
     on_mask,
@@ -59,8 +60,7 @@ from fedcomp.hgc.codec import (
 from fedcomp.hgc.schedule import lr_step_adjusted_ratio, warmup_ratio
 from fedcomp.hgc.settings import HGCSettings
 from fedcomp.metrics import RoundStats
-from fedcomp.models import StateLayout
-from fedcomp.network import shared_mask_round_time
+from fedcomp.wire import PayloadError
 
 MASK_POLICIES = ("rotating", "largest", "own")
 
@@ -77,6 +77,8 @@ class HGCStrategy(CompressedFedAvg):
         super().__init__(**kwargs)
         if mask_policy not in MASK_POLICIES:
             raise ValueError(f"mask_policy must be one of {MASK_POLICIES}, got {mask_policy!r}")
+        if self.policy.kind == "async":
+            raise ValueError("HGC's shared mask and predictor are synchronous: round=async is not defined for it")
         budget(1, ratio, None)
         if lr_step_ratio is not None:
             budget(1, lr_step_ratio, None)
@@ -90,10 +92,15 @@ class HGCStrategy(CompressedFedAvg):
         self.velocity = torch.zeros(0, dtype=torch.float64)
         self.predictor = self.settings.predictor()
         self.segments = None
-        self._sizes: dict[int, int] = {}  # node -> training samples, learnt from replies
-        self._owner_reply: Message | None = None
         self._owner: int | None = None
-        self._mask_blob: bytes | None = None
+        self._owner_arrival: Arrival | None = None
+        self._shared: torch.Tensor | None = None  # the round's shared mask, once the owner's payload is in
+        self._phase1: set[int] = set()  # nodes asked to own this round's mask
+
+    def on_setup(self) -> None:
+        self.segments = self.settings.segments(self._layout.sizes)
+        self.predictor.reset(self.d)
+        self.velocity = torch.zeros(self.d, dtype=torch.float64)
 
     def ratio_at(self, server_round: int, target: float | None = None) -> float:
         """The round's k/d: warm-up towards ``target`` (default ``ratio``), then the LR-step window."""
@@ -124,14 +131,13 @@ class HGCStrategy(CompressedFedAvg):
         return buffers
 
     def _pick_owner(self, nodes: list[int], server_round: int) -> int:
-        if self.mask_policy == "largest" and all(n in self._sizes for n in nodes):
-            return max(nodes, key=lambda n: (self._sizes[n], -n))
+        if self.mask_policy == "largest" and self.sizes.size:
+            return max(nodes, key=lambda n: (self.sizes[self.partition(n)], -n))
         return nodes[(server_round - 1) % len(nodes)]
 
     def _record(self, node_id: int, phase: str, ratio: float, mask: bytes | None) -> ConfigRecord:
         in_sync = self._in_sync(node_id)
         sync = self._pending if in_sync else encode_sync(self._global, self._sync_buffers())
-        self._synced[node_id] = self._version
         rec = {
             **self.settings.record(), "phase": phase, "ratio": ratio, "server-lr": self.server_lr,
             "server-momentum": self.server_momentum, M.KIND: M.DELTA if in_sync else M.FULL, M.PAYLOAD: sync,
@@ -139,94 +145,108 @@ class HGCStrategy(CompressedFedAvg):
         }
         if mask is not None:
             rec["mask"] = mask
-        self._down_bytes[node_id] = len(sync) + (len(mask) if mask is not None else 0)
+        if self.seal is not None:  # one tag over everything the record carries as bytes
+            rec[M.TAG] = self.seal.tag(sync + (mask or b""))
         return ConfigRecord(rec)
 
-    def _message(self, node_id: int, record: ConfigRecord, config: ConfigRecord) -> Message:
-        return Message(RecordDict({M.HGC: record, M.CONFIG: config}), dst_node_id=node_id, message_type=MessageType.TRAIN)
+    def _dispatch(self, node: int, phase: str, ratio: float, config: ConfigRecord, server_round: int, mask: bytes | None = None) -> Message | None:
+        record = self._record(node, phase, ratio, mask)
+        return self.dispatch(node, {M.HGC: record, M.CONFIG: config}, server_round, M.HGC, len(mask or b""))
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        self._state = arrays.to_torch_state_dict()
-        if self._layout is None:
-            self._layout = StateLayout.of(self._state)
-            self._global = self._layout.flatten(self._state)
-            self.segments = self.settings.segments(self._layout.sizes)
-            self.predictor.reset(self._global.numel())
-            self.velocity = torch.zeros(self._global.numel(), dtype=torch.float64)
-        config = self.round_config(config, server_round)
-        nodes = self.sample(list(grid.get_node_ids()), server_round)
+        self.begin_round()
+        nodes, self._k = self.cohort(grid, server_round)
         # One shared mask serves every client, so per-client ratios from a controller cannot
         # apply one by one: the mask gets the mean of the sampled clients' ratios.
-        ratios = self.client_ratios(nodes, server_round, grid)
+        ratios = self.client_ratios(nodes, server_round)
         ratio = self.ratio_at(server_round, float(np.mean(list(ratios.values()))) if ratios else None)
         self._ratios = {n: ratio for n in nodes}
-        self._owner_reply, self._owner, self._mask_blob = None, None, None
+        config = self.round_config(config, server_round)
+        self._owner, self._owner_arrival, self._shared, self._phase1 = None, None, None, set()
         if self.mask_policy == "own":
-            return [self._message(n, self._record(n, "own", ratio, None), config) for n in nodes]
-        self._owner = self._pick_owner(nodes, server_round)
-        # Phase 1: the owner computes the mask; its reply also carries its own payload.
-        owner_msg = self._message(self._owner, self._record(self._owner, "owner", ratio, None), config)
-        (self._owner_reply,) = grid.send_and_receive([owner_msg])
-        if self._owner_reply.has_error():
-            raise RuntimeError(f"mask owner {self._owner} failed: {self._owner_reply.error.reason}")
-        entry, _ = decode_uplink(self._owner_reply.content[M.UP][M.PAYLOAD])
-        self._mask_blob = entry.mask_blob
+            return [m for n in nodes if (m := self._dispatch(n, "own", ratio, config, server_round)) is not None]
+        # Phase 1: the owner computes the mask; its reply also carries its own payload. An owner
+        # that drops out or fails is replaced by the next sampled client (its traffic counted).
+        remaining = list(nodes)
+        self._phase1 = set()
+        while remaining and self._owner is None:
+            owner = self._pick_owner(remaining, server_round)
+            remaining.remove(owner)
+            self._phase1.add(owner)
+            msg = self._dispatch(owner, "owner", ratio, config, server_round)
+            if msg is None:
+                continue
+            arrivals = self.receive(grid.send_and_receive([msg], timeout=self.timeout), expected=[owner])
+            if arrivals:
+                self._owner, self._owner_arrival = owner, arrivals[0]
+        if self._owner is None:
+            return []
+        mask_blob = encode_indices(self._shared.numpy(), self.d)
         # Phase 2: everyone else, with the mask relayed.
-        return [self._message(n, self._record(n, "member", ratio, self._mask_blob), config)
-                for n in nodes if n != self._owner]
+        return [m for n in remaining if (m := self._dispatch(n, "member", ratio, config, server_round, mask_blob)) is not None]
+
+    def decode_update(self, payload: bytes) -> tuple[object, torch.Tensor, torch.Tensor]:
+        """(entry, mask, values): the entry decoded against the server's predictor; an owner's
+        mask becomes the round's shared mask, a member may not bring its own."""
+        try:
+            entry, _ = decode_uplink(payload, self.d)
+            if self.mask_policy != "own" and self._shared is not None and entry.mask_blob is not None:
+                raise ClientFault("a member's entry carries its own mask")
+            if self.mask_policy == "own" and entry.mask_blob is None:
+                raise ClientFault("entry lacks its mask (own masks)")
+            mask = entry_mask(entry, self._shared, self.d)
+            values = entry_values(entry, mask, self.predictor, self.segments)
+        except PayloadError as exc:
+            raise ClientFault(f"undecodable HGC entry: {exc}") from None
+        if self.mask_policy != "own" and self._shared is None:
+            self._shared = mask
+        return entry, mask, values
+
+    def timelines(self, arrivals: list[Arrival]) -> None:
+        """Members train while the owner works, but compress only once the mask, relayed after
+        the owner's upload, has reached them (own masks: every client on its own)."""
+        start = self._round_start + self._downlink_encode_s()
+        for a in arrivals:
+            if a.node == self._owner or self._owner is None:
+                a.timeline = self.system.timeline(a.work, start)
+        mask_ready = self._owner_arrival.timeline.uploaded if self._owner_arrival is not None else None
+        for a in arrivals:
+            if a.timeline is None:
+                a.timeline = self.system.timeline(a.work, start, mask_ready, self._sent[a.node].mask_bytes)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = ([self._owner_reply] if self._owner_reply is not None else []) + list(replies)
-        replies.sort(key=lambda r: r.metadata.src_node_id)  # one fixed aggregation order
-        d = self._global.numel()
-        stats = RoundStats(server_round)
-        entries, sizes = [], []
-        shared = None
-        for reply in replies:
-            if reply.has_error():
-                raise RuntimeError(f"client on node {reply.metadata.src_node_id} failed: {reply.error.reason}")
-            payload = reply.content[M.UP][M.PAYLOAD]
-            entry, numel = decode_uplink(payload)
-            if numel != d:
-                raise ValueError(f"HGC payload for d={numel}, the model has d={d}")
-            if entry.mask_blob is not None and self.mask_policy != "own":
-                shared = entry_mask(entry, None, d)
-            entries.append(entry)
-            stats.clients.append(self.client_round(reply, len(payload)))
-            sizes.append(stats.clients[-1].num_examples)
-            self._sizes[reply.metadata.src_node_id] = sizes[-1]
-        if not entries:
-            raise RuntimeError(f"round {server_round}: no client replied")
-        weights = np.asarray(sizes, dtype=np.float32) / np.float32(sum(sizes))
-        g, union = aggregate_entries(entries, weights, shared, self.predictor, self.segments)
+        stats = self._new_stats(server_round)
+        phase2 = [n for n in self._sent if n not in self._phase1]
+        arrivals = ([self._owner_arrival] if self._owner_arrival is not None else []) + self.receive(replies, expected=phase2)
+        stats.failures += self._round_failures
+        self.timelines(arrivals)
+        accepted, ends_by = self.select(stats, arrivals)
+        if self.usable(stats, len(accepted)):
+            self.aggregate(stats, accepted)
+        else:
+            stats.skipped = True
+        self.finish(stats, accepted, ends_by)
+        self.rounds[server_round] = stats
+        return None, MetricRecord({"num-clients": len(stats.clients), "failures": len(stats.failures)})
+
+    def aggregate(self, stats: RoundStats, accepted: list[Arrival], weight=None) -> None:
+        """g~ = sum_i (n_i / n) x_i over the accepted entries in node order (the order every
+        client reproduces from the relay), then the server step and the predictor."""
+        accepted = sorted(accepted, key=lambda a: a.node)
+        d = self.d
+        sizes = np.asarray([a.client.num_examples for a in accepted], dtype=np.float32)
+        weights = sizes / np.float32(sizes.sum())
+        g = aggregate([(mask, values) for _, mask, values in (a.update for a in accepted)], weights, d)
+        union = self._shared if self._shared is not None else torch.unique(torch.cat([a.update[1] for a in accepted]))
+        entries = [a.update[0] for a in accepted]
         if self.settings.broadcast == "paper":
             values = g[union].float()
             g = on_mask(values, union, d)
-            own_mask = encode_indices(union.numpy(), d) if shared is None else None
-            self._pending = encode_broadcast(values, d, own_mask)
+            self._pending = encode_broadcast(values, d, encode_indices(union.numpy(), d) if self._shared is None else None)
         else:
-            self._pending = encode_relay(entries, weights.tolist(), d, self.settings.deflate, keep_masks=shared is None)
-        self.history.update_norms.append(float(g.norm()))
-        self.history.grad_sq_norms.append(stats.grad_sq_norm)
+            self._pending = encode_relay(entries, weights.tolist(), d, keep_masks=self._shared is None)
+        self.record_history(g, accepted)
         self.velocity = momentum_step(g, self.velocity, self.server_momentum)
         self._global += hgc_step(self.velocity, self.server_lr)
         self.predictor.observe(g, union)
         self._version += 1
-        stats.sim_time_s = self._round_time(stats, replies)
-        self.rounds[server_round] = stats
-        self._layout.load(self._state, self._global)
-        return ArrayRecord(self._state), MetricRecord({"train-loss": stats.train_loss, "num-examples": sum(sizes)})
-
-    def _round_time(self, stats: RoundStats, replies: list[Message]) -> float:
-        """Members train while the owner works, but compress only once the mask, relayed after
-        the owner's upload, has reached them (own masks: a plain synchronous round)."""
-        if self._owner is None:
-            return self.round_time(stats)
-        net = self.network
-
-        def party(c):
-            return net.links[c.partition_id], c.bytes_up, c.bytes_down, c.compute_s
-
-        by_node = {r.metadata.src_node_id: c for c, r in zip(stats.clients, replies)}
-        owner = by_node.pop(self._owner)
-        return shared_mask_round_time(party(owner), [party(c) for c in by_node.values()], len(self._mask_blob or b""), net.compute_scale)

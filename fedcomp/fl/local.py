@@ -13,6 +13,14 @@ def local_steps(n: int, *, epochs: int, steps: int | None, batch_size: int) -> i
     return steps if steps is not None else epochs * -(-n // batch_size)
 
 
+def samples_trained(n: int, *, epochs: int, steps: int | None, batch_size: int) -> int:
+    """Samples one local training run processes (each pass ends on a partial batch)."""
+    per_pass = [batch_size] * (n // batch_size) + ([n % batch_size] if n % batch_size else [])
+    total = local_steps(n, epochs=epochs, steps=steps, batch_size=batch_size)
+    full, rest = divmod(total, len(per_pass)) if per_pass else (0, 0)
+    return full * n + sum(per_pass[:rest])
+
+
 def mean_gradient_sq_norm(update: torch.Tensor, n: int, training: dict) -> float:
     """||update||^2 / (lr x local steps)^2: the squared norm of the mean local gradient of a
     plain-SGD run (``training``: ``train_local``'s keyword arguments) that produced ``update``.

@@ -1,12 +1,17 @@
-"""Names of the records fedcomp puts in Flower Messages and Contexts.
+"""Names of the records fedcomp puts in Flower Messages and Contexts, and how big a message's
+non-payload part is.
 
 Model state never travels as a Flower ArrayRecord: each direction carries one compressed
 payload (raw bytes in a ConfigRecord), so the bytes counted are the bytes a real link moves.
 """
 
+from flwr.app import ConfigRecord, RecordDict
+from flwr.common.serde import recorddict_to_proto
+
 DOWN = "fedcomp.down"  # ConfigRecord {"payload": bytes, "kind": str, "version": int}: server -> client
 UP = "fedcomp.up"  # ConfigRecord {"payload": bytes}: client -> server
 PAYLOAD = "payload"
+TAG = "tag"  # HMAC-SHA256 of the payload (simulation.integrity: hmac)
 KIND = "kind"
 VERSION = "version"
 CONFIG = "config"  # ConfigRecord: round number and local-training settings
@@ -34,3 +39,14 @@ REPLICA_VERSION = "fedcomp.replica.version"  # number: the version the replica h
 # HGC (fl/hgc_strategy.py, fl/hgc_client.py).
 HGC = "fedcomp.hgc"  # ConfigRecord: the round's HGC instructions and downlink
 HGC_STATE = "fedcomp.hgc.state"  # client tensors: u, v, velocity, mask (EF memory is in UP_STATE)
+
+
+def overhead_bytes(content: RecordDict) -> int:
+    """Serialised size (Flower's protobuf) of a message's content with every bytes value --
+    payloads, masks, tags, counted as payload -- left empty: the config, metrics and framing
+    a link carries on top of the payload."""
+    stripped = RecordDict({
+        name: ConfigRecord({k: b"" if isinstance(v, bytes) else v for k, v in rec.items()}) if isinstance(rec, ConfigRecord) else rec
+        for name, rec in content.items()
+    })
+    return recorddict_to_proto(stripped).ByteSize()

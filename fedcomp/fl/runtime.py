@@ -19,7 +19,9 @@ from fedcomp.compression import Compressor, build
 from fedcomp.config import ConfigError
 from fedcomp.data import TensorData, load_dataset
 from fedcomp.models import StateLayout, build_model
+from fedcomp.network.compute import training_flops_per_sample
 from fedcomp.partition import Partition, make_partition
+from fedcomp.wire import Seal
 
 
 @dataclass
@@ -60,6 +62,17 @@ class Runtime:
         if direction not in self._compressors:
             self._compressors[direction] = instantiate(self.cfg.compressor[direction], sizes=self.layout.sizes)
         return self._compressors[direction]
+
+    @cached_property
+    def training_flops(self) -> float:
+        """Training FLOPs per sample of this model (counted once; the simulated compute)."""
+        return training_flops_per_sample(self.model, self.train.input_shape, self.train.num_classes)
+
+    @cached_property
+    def seal(self) -> Seal | None:
+        """The run's payload seal (``simulation.integrity: hmac``), the same on every party."""
+        sim = self.cfg.simulation
+        return Seal.for_run(self.cfg.seed, sim.get("integrity_key")) if sim.get("integrity", "none") == "hmac" else None
 
     @cached_property
     def full_codec(self) -> Compressor:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 from hydra.utils import instantiate
@@ -23,25 +23,27 @@ from fedcomp.fl.client_app import config_from_overrides
 from fedcomp.fl.local import evaluate
 from fedcomp.fl.runtime import Runtime, get_runtime
 from fedcomp.fl.schedule import TrainSchedule
-from fedcomp.metrics import MetricsRecorder, RoundStats
-from fedcomp.network import NetworkModel
+from fedcomp.metrics import MetricsRecorder
+from fedcomp.network.system import SystemModel
 from fedcomp.progress import RoundProgress
 
 
 def build_strategy(cfg: DictConfig, rt: Runtime) -> Strategy:
-    """The configured strategy class with what the runner supplies: compressors, network
-    model, sampling fraction, seed, downlink mode and the local-training schedule."""
+    """The configured strategy class with what the runner supplies: compressors, the system
+    model (profiles, FLOPs, codec times), sampling fraction, seed, downlink mode, the
+    local-training schedule, the ratio controller, the partition's sizes and the seal."""
     # _partial_: Hydra would turn the objects passed below into configs.
     return instantiate(cfg.strategy, _partial_=True)(
         up=rt.compressor("up"),
         down=rt.compressor("down"),
-        network=NetworkModel.from_config(cfg.network, cfg.simulation.num_clients, cfg.seed),
+        system=SystemModel.from_config(cfg.network, cfg.simulation.num_clients, cfg.seed, rt.layout.numel, rt.training_flops),
         fraction=cfg.simulation.fraction,
         seed=cfg.seed,
         downlink=cfg.compressor.downlink,
         schedule=TrainSchedule.from_config(cfg.train, cfg.num_rounds),
         controller=instantiate(cfg.controller) if cfg.controller.get("_target_") else None,
-        weights=rt.partition.weights,
+        sizes=rt.partition.sizes,
+        seal=rt.seal,
     )
 
 
@@ -56,32 +58,20 @@ def run_server(grid: Grid, cfg: DictConfig, out_dir: str | Path) -> dict[str, An
     recorder.save_partition(rt.partition)
     strategy = build_strategy(cfg, rt)
     eval_model = rt.new_model()
-    initial_accuracy: list[float] = []
+    initial_accuracy, _ = evaluate(eval_model, rt.test, cfg.train.eval_batch_size)
+    initial = ArrayRecord({k: v.cpu() for k, v in eval_model.state_dict().items()})
 
     with RoundProgress(cfg.num_rounds, enabled=cfg.progress) as progress:
 
-        def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-            due = server_round == cfg.num_rounds or server_round % cfg.eval_every == 0
+        def on_round(server_round: int) -> None:
             acc = loss = None
-            if due or server_round == 0:
-                eval_model.load_state_dict(arrays.to_torch_state_dict())
+            if server_round == cfg.num_rounds or server_round % cfg.eval_every == 0:
+                eval_model.load_state_dict(strategy.global_state())
                 acc, loss = evaluate(eval_model, rt.test, cfg.train.eval_batch_size)
-            if server_round == 0:
-                initial_accuracy.append(acc)
-                return MetricRecord({"accuracy": acc, "loss": loss})
-            stats: RoundStats = strategy.rounds[server_round]
-            row = recorder.record(stats, acc, loss)
-            progress.update(row)
-            return MetricRecord({"accuracy": acc, "loss": loss}) if due else None
+            progress.update(recorder.record(strategy.rounds[server_round], acc, loss))
 
-        strategy.start(
-            grid=grid,
-            initial_arrays=ArrayRecord({k: v.cpu() for k, v in eval_model.state_dict().items()}),
-            num_rounds=cfg.num_rounds,
-            train_config=ConfigRecord({}),
-            evaluate_fn=evaluate_fn,
-        )
-    return recorder.finish(initial_accuracy[0] if initial_accuracy else None)
+        strategy.run(grid, initial, cfg.num_rounds, on_round)
+    return recorder.finish(initial_accuracy)
 
 
 def _wait_for_nodes(grid: Grid, expected: int, timeout_s: float = 300.0) -> None:

@@ -42,22 +42,31 @@ _HEAD = struct.Struct("<BBI")
 
 @dataclass
 class Entry:
-    """One client's quantized, sparsified gradient as it travels."""
+    """One client's quantized, sparsified gradient as it travels. The symbols (int64 residues
+    when ``predictive``, else level symbols) are kept as their coded ``stream``: a receiver
+    decodes them (``symbols``) only once it knows how many the mask holds."""
 
     bits: int
     levels: np.ndarray  # float32, (segments, 2^bits)
-    symbols: np.ndarray  # int64 residues (predictive) or level symbols
+    stream: bytes  # fedcomp.coding.encode_symbols output
     predictive: bool
     mask_blob: bytes | None = None  # Rice-coded mask, when this entry carries one
 
-    def to_bytes(self, deflate: bool = False, with_mask: bool = True) -> bytes:
+    @classmethod
+    def coded(cls, bits: int, levels: np.ndarray, symbols: np.ndarray, predictive: bool, mask_blob: bytes | None, deflate: bool) -> "Entry":
+        return cls(bits, levels, encode_symbols(symbols, 1 << bits, deflate), predictive, mask_blob)
+
+    def symbols(self, count: int) -> np.ndarray:
+        """The entry's ``count`` symbols (a stream claiming another count is refused unread)."""
+        return decode_symbols(self.stream, 1 << self.bits, count=count)
+
+    def to_bytes(self, with_mask: bool = True) -> bytes:
         mask = self.mask_blob if with_mask else None
         flags = (HAS_MASK if mask is not None else 0) | (PREDICTIVE if self.predictive else 0)
         out = bytearray(_HEAD.pack(flags, self.bits, len(self.levels)))
         if mask is not None:
             out += _U64.pack(len(mask)) + mask
-        stream = encode_symbols(self.symbols, 1 << self.bits, deflate)
-        out += self.levels.astype("<f4").tobytes() + _U64.pack(len(stream)) + stream
+        out += self.levels.astype("<f4").tobytes() + _U64.pack(len(self.stream)) + self.stream
         return bytes(out)
 
 
@@ -85,29 +94,29 @@ def parse_entry(data: memoryview) -> Entry:
     stream, pos = _take(data, pos, _U64.unpack(raw)[0], "symbols")
     if pos != len(data):
         raise PayloadError("trailing bytes after an HGC entry")
-    symbols = decode_symbols(stream, 1 << bits)
-    return Entry(bits, levels, symbols, bool(flags & PREDICTIVE), mask_blob)
+    return Entry(bits, levels, bytes(stream), bool(flags & PREDICTIVE), mask_blob)
 
 
-def encode_uplink(entry: Entry, d: int, deflate: bool) -> bytes:
-    return pack_frame("hgc", torch.float32, (d,), entry.to_bytes(deflate))
+def encode_uplink(entry: Entry, d: int) -> bytes:
+    return pack_frame("hgc", torch.float32, (d,), entry.to_bytes())
 
 
-def decode_uplink(payload: bytes) -> tuple[Entry, int]:
-    frame = unpack_frame(payload, expect="hgc")
+def decode_uplink(payload: bytes, d: int | None = None) -> tuple[Entry, int]:
+    """(entry, d); with ``d`` a payload for another dimension is refused unread."""
+    frame = unpack_frame(payload, expect="hgc", shape=None if d is None else (d,))
     return parse_entry(memoryview(frame.body)), frame.numel
 
 
-def encode_relay(entries: list[Entry], weights: list[float], d: int, deflate: bool, keep_masks: bool) -> bytes:
+def encode_relay(entries: list[Entry], weights: list[float], d: int, keep_masks: bool) -> bytes:
     body = bytearray(struct.pack("<I", len(entries)) + np.asarray(weights, dtype="<f4").tobytes())
     for e in entries:
-        raw = e.to_bytes(deflate, with_mask=keep_masks)
+        raw = e.to_bytes(with_mask=keep_masks)
         body += _U64.pack(len(raw)) + raw
     return pack_frame("hgc.relay", torch.float32, (d,), bytes(body))
 
 
-def decode_relay(payload: bytes) -> tuple[list[Entry], np.ndarray, int]:
-    frame = unpack_frame(payload, expect="hgc.relay")
+def decode_relay(payload: bytes, d: int | None = None) -> tuple[list[Entry], np.ndarray, int]:
+    frame = unpack_frame(payload, expect="hgc.relay", shape=None if d is None else (d,))
     data = memoryview(frame.body)
     raw, pos = _take(data, 0, 4, "relay count")
     (n,) = struct.unpack("<I", raw)
@@ -132,10 +141,10 @@ def encode_broadcast(values: torch.Tensor, d: int, mask_blob: bytes | None) -> b
     return pack_frame("hgc.paper", torch.float32, (d,), bytes(body))
 
 
-def decode_broadcast(payload: bytes, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, int]:
+def decode_broadcast(payload: bytes, mask: torch.Tensor | None, d: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(mask, fp32 values, d); ``mask`` is the shared mask the receiver holds, unless the
-    broadcast carries one."""
-    frame = unpack_frame(payload, expect="hgc.paper")
+    broadcast carries one. Inflation stops at the 4 bytes per mask entry the values need."""
+    frame = unpack_frame(payload, expect="hgc.paper", shape=None if d is None else (d,))
     data = memoryview(frame.body)
     head, pos = _take(data, 0, 1, "broadcast flags")
     if head[0] > 1:
@@ -171,12 +180,10 @@ def entry_mask(entry: Entry, shared: torch.Tensor | None, d: int) -> torch.Tenso
 
 def entry_values(entry: Entry, mask: torch.Tensor, predictor: Predictor, segments: Segments) -> torch.Tensor:
     """Undo the XOR residue (with the prediction on ``mask``) and dequantize, segment by segment."""
-    if len(entry.symbols) != len(mask):
-        raise PayloadError(f"HGC entry has {len(entry.symbols)} values for a mask of {len(mask)}")
     if len(entry.levels) != segments.count:
         raise PayloadError(f"HGC entry has {len(entry.levels)} level sets for {segments.count} segments")
     cuts = segments.cuts(mask)
-    symbols = entry.symbols
+    symbols = entry.symbols(len(mask))
     if entry.predictive:
         symbols = xor_residue(symbols, predictor.predicted_symbols(mask, entry.bits, cuts))
     if symbols.size and symbols.max() >= (1 << entry.bits):
@@ -237,10 +244,10 @@ def encode_sync(w: torch.Tensor, buffers: dict[str, torch.Tensor]) -> bytes:
     return pack_frame("hgc.sync", torch.float32, (w.numel(),), bytes(body))
 
 
-def decode_sync(payload: bytes) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def decode_sync(payload: bytes, d: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(w, buffers); the predictor buffers come with their scales (zeros and unit scales when
     the sync does not carry them), a missing velocity as zeros."""
-    frame = unpack_frame(payload, expect="hgc.sync")
+    frame = unpack_frame(payload, expect="hgc.sync", shape=None if d is None else (d,))
     d, body = frame.numel, frame.body
     if not body or body[0] >= 1 << len(SYNC_BUFFERS) or (body[0] & 1) != (body[0] >> 1 & 1):
         raise PayloadError("bad HGC sync flags")

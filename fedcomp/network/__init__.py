@@ -1,5 +1,11 @@
-"""Bandwidth/latency models that turn bytes and compute seconds into simulated time."""
+"""The simulated clock: client profiles (links, device speed, availability), training compute
+from FLOPs, codec time from a calibrated table, and when each client's round ends."""
 
-from fedcomp.network.model import ClientLink, NetworkModel, shared_mask_round_time
+from fedcomp.network.codec_time import CodecTimes, shipped_codec_times
+from fedcomp.network.profiles import Availability, ClientProfile, Profiles, TraceError
+from fedcomp.network.system import ClientWork, SystemModel, Timeline
 
-__all__ = ["ClientLink", "NetworkModel", "shared_mask_round_time"]
+__all__ = [
+    "Availability", "ClientProfile", "ClientWork", "CodecTimes", "Profiles", "SystemModel", "Timeline", "TraceError",
+    "shipped_codec_times",
+]

@@ -98,8 +98,12 @@ class _Reader:
         return struct.unpack(fmt, self.take(struct.calcsize(fmt), what))
 
 
-def unpack_frame(payload: bytes, expect: str | None = None) -> Frame:
-    """Parse and check a frame; with ``expect``, also that it holds that codec."""
+def unpack_frame(
+    payload: bytes, expect: str | None = None, shape: tuple[int, ...] | None = None, dtype: torch.dtype | None = None,
+) -> Frame:
+    """Parse and check a frame; with ``expect``, also that it holds that codec, and with
+    ``shape`` / ``dtype`` that it describes the tensor the receiver expects -- checked before
+    the body is copied or anything sized by the header is allocated."""
     r = _Reader(payload)
     if bytes(r.take(4, "magic")) != MAGIC:
         raise PayloadError("not a fedcomp payload (bad magic bytes)")
@@ -115,12 +119,16 @@ def unpack_frame(payload: bytes, expect: str | None = None) -> Frame:
         raise PayloadError(f"unknown dtype code {dtype_code}")
     if ndim > MAX_NDIM:
         raise PayloadError(f"ndim {ndim} exceeds {MAX_NDIM}")
-    shape = r.unpack(f"<{ndim}Q", "shape")
+    shape_read = r.unpack(f"<{ndim}Q", "shape")
     numel = 1
-    for s in shape:
+    for s in shape_read:
         numel *= s
         if numel > MAX_NUMEL:
-            raise PayloadError(f"shape {shape} describes more than {MAX_NUMEL} elements")
+            raise PayloadError(f"shape {shape_read} describes more than {MAX_NUMEL} elements")
+    if shape is not None and tuple(shape) != tuple(int(s) for s in shape_read):
+        raise PayloadError(f"payload describes a tensor of shape {tuple(shape_read)}, expected {tuple(shape)}")
+    if dtype is not None and DTYPES[dtype_code] != dtype:
+        raise PayloadError(f"payload describes a {DTYPES[dtype_code]} tensor, expected {dtype}")
     (body_len,) = r.unpack("<Q", "body length")
     body = r.take(body_len, "body")
     crc_end = r.pos
@@ -131,4 +139,11 @@ def unpack_frame(payload: bytes, expect: str | None = None) -> Frame:
         raise PayloadError("checksum mismatch: payload corrupted")
     if expect is not None and codec != expect:
         raise PayloadError(f"payload holds codec {codec!r}, expected {expect!r}")
-    return Frame(codec, DTYPES[dtype_code], tuple(shape), bytes(body))
+    return Frame(codec, DTYPES[dtype_code], tuple(shape_read), bytes(body))
+
+
+def frame_codec(payload: bytes) -> str:
+    """The codec name a payload's header states (unchecked; for accounting, not decoding)."""
+    if len(payload) < 6 or payload[:4] != MAGIC:
+        return "unknown"
+    return bytes(payload[6 : 6 + payload[5]]).decode("ascii", "replace")
