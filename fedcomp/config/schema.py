@@ -28,6 +28,10 @@ def _require(ok: bool, key: str, why: str, value: Any) -> None:
         raise ConfigError(f"{key}: {why} (got {value!r})")
 
 
+# Injectable client faults, described in fedcomp/fl/faults.py.
+FAULT_KINDS = ("crash", "lose_down", "lose", "corrupt", "truncate", "wrong_shape", "nan_update", "nan_metrics", "forge_size")
+
+
 @dataclass
 class SimulationConfig:
     num_clients: int = 10
@@ -41,8 +45,13 @@ class SimulationConfig:
     # integrity_key (hex) or, in simulation, derived from the seed.
     integrity: str = "none"
     integrity_key: Optional[str] = None
+    # Injected client faults (fedcomp/fl/faults.py): [{kind, clients: [partition ids], rounds: [..] | null}]
+    faults: list[Any] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        for i, f in enumerate(self.faults):
+            _require(isinstance(f, dict) and f.get("kind") in FAULT_KINDS and isinstance(f.get("clients"), list),
+                     f"simulation.faults[{i}]", f"must be {{kind: one of {FAULT_KINDS}, clients: [ids], rounds: [..] or null}}", f)
         _require(self.integrity in ("none", "hmac"), "simulation.integrity", "must be none or hmac", self.integrity)
         _require(self.num_clients >= 1, "simulation.num_clients", "must be >= 1", self.num_clients)
         _require(0 < self.fraction <= 1, "simulation.fraction", "must be in (0, 1]", self.fraction)

@@ -24,6 +24,7 @@ from fedcomp.config import compose_config
 from fedcomp.fl import messages as M
 from fedcomp.fl.client_round import apply_resets, client_seed, open_payload, reply_record, train_round, uplink_compressor
 from fedcomp.fl.client_state import ClientState, client_state
+from fedcomp.fl.faults import with_faults
 from fedcomp.fl.hgc_client import hgc_round
 from fedcomp.fl.runtime import Runtime, get_runtime
 
@@ -84,6 +85,8 @@ def make_client_app(cfg: DictConfig | None = None) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         run_cfg = cfg if cfg is not None else config_from_overrides(str(context.run_config.get("overrides", "")))
+        if run_cfg.simulation.get("faults"):
+            return with_faults(run_cfg, msg, context, lambda m, c: train_on_client(run_cfg, m, c))
         return train_on_client(run_cfg, msg, context)
 
     @app.query()

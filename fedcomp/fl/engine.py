@@ -21,8 +21,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 from omegaconf import DictConfig
@@ -32,6 +33,7 @@ from fedcomp.fl.client_state import ResidentContext
 from fedcomp.fl.server_app import make_server_app, run_server
 
 SERVER_NODE_ID = 1  # Flower's SUPERLINK_NODE_ID
+log = logging.getLogger("fedcomp")
 
 
 class InlineGrid(Grid):
@@ -79,10 +81,18 @@ class InlineGrid(Grid):
                 raise ValueError(f"no node {msg.metadata.dst_node_id}")
             # The id a SuperLink would assign (Flower's InMemoryGrid does the same).
             msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
-            # Client errors propagate with their traceback: a simulator should fail loudly.
-            self._replies[msg.metadata.message_id] = self._app(msg, self._contexts[msg.metadata.dst_node_id])
+            self._replies[msg.metadata.message_id] = self._call(msg)
             ids.append(msg.metadata.message_id)
         return ids
+
+    def _call(self, msg: Message) -> Message:
+        """The ClientApp's reply; an exception becomes an error reply, as under Flower's
+        engines (the strategy drops that client for the round), its traceback logged."""
+        try:
+            return self._app(msg, self._contexts[msg.metadata.dst_node_id])
+        except Exception as exc:  # noqa: BLE001 -- any client failure is that client's, not the run's
+            log.warning("client on node %d raised %s: %s", msg.metadata.dst_node_id, type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+            return Message(error=Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return [self._replies.pop(i) for i in message_ids if i in self._replies]

@@ -125,8 +125,11 @@ class HGCStrategy(CompressedFedAvg):
         return self.windows_ended(server_round) if self.reset_after_lr_step and self.lr_step_window > 0 else 0
 
     def _sync_buffers(self) -> dict[str, torch.Tensor]:
-        buffers = self.predictor.state() if self._version else {}
-        if self.velocity.abs().sum() > 0:
+        """What a resync carries besides the model: the predictor's buffers in float64 (the
+        precision both ends compute them in, so they stay bit-identical) once there are any,
+        and the server-momentum velocity only when server momentum is used."""
+        buffers = self.predictor.state() if self._version and self.settings.predictive else {}
+        if self.server_momentum:
             buffers["velocity"] = self.velocity
         return buffers
 

@@ -15,6 +15,7 @@ TAG = "tag"  # HMAC-SHA256 of the payload (simulation.integrity: hmac)
 KIND = "kind"
 VERSION = "version"
 CONFIG = "config"  # ConfigRecord: round number and local-training settings
+LOST = "fedcomp.lost"  # an injected lost message (fl/faults.py): the server treats it as no reply
 METRICS = "metrics"  # MetricRecord: num-examples, train-loss, compute-s, partition-id, grad-sq-norm
 
 # Round-config keys (CONFIG) the server sets.
@@ -44,7 +45,8 @@ HGC_STATE = "fedcomp.hgc.state"  # client tensors: u, v, velocity, mask (EF memo
 def overhead_bytes(content: RecordDict) -> int:
     """Serialised size (Flower's protobuf) of a message's content with every bytes value --
     payloads, masks, tags, counted as payload -- left empty: the config, metrics and framing
-    a link carries on top of the payload."""
+    a link carries on top of the payload (the payloads' own length prefixes, a few bytes each,
+    grow with the payload and are not included)."""
     stripped = RecordDict({
         name: ConfigRecord({k: b"" if isinstance(v, bytes) else v for k, v in rec.items()}) if isinstance(rec, ConfigRecord) else rec
         for name, rec in content.items()

@@ -356,10 +356,13 @@ class CompressedFedAvg(Strategy):
             node = reply.metadata.src_node_id
             if node not in self._sent or node in replied or node in self._dropped:
                 continue  # not sampled this round, a duplicate, or a client that dropped out
+            if not reply.has_error() and M.LOST in reply.content:
+                continue  # an injected lost message: as if nothing had arrived
             replied.add(node)
             sent, pid = self._sent[node], self.partition(node)
-            if reply.has_error():
-                self._fail(node, f"client error: {reply.error.reason}")
+            if reply.has_error():  # the last line of an engine's report (Ray's carry whole tracebacks)
+                lines = [line.strip() for line in str(reply.error.reason).splitlines() if line.strip()]
+                self._fail(node, f"client error: {(lines or ['unknown'])[-1][:200]}")
                 continue
             up_bytes = 0
             try:
