@@ -5,8 +5,9 @@
 Recipe, shared by every method (the paper's FedAvg baseline as its reference code, SOFF, runs
 it): one local SGD step of batch 32 per round, lr 0.05 divided by 10 at 50% and 75% of the
 rounds, weight decay 1e-3, and each client's optimizer kept across rounds
-(``train.optimizer_state=persistent``) with its momentum ramped 0 -> 0.3 -> 0.6 -> 0.9 at 5%,
-10% and 15% of the rounds. DGC's momentum correction takes that same momentum
+(``train.optimizer_state=persistent``) with its momentum ramped 0 -> 0.3 -> 0.6 -> 0.9 at 30%,
+50% and 70% of the rounds (SOFF's epochs 60 / 100 / 140 of 200). An earlier ramp (5 / 10 / 15%)
+made HGC's shared 0.1% mask diverge once momentum 0.9 met the undecayed lr (see results/). DGC's momentum correction takes that same momentum
 (``compressor.up.momentum=null``; the client's optimizer then runs without it). Every
 sparsifier warms up from 25% to its ratio over the paper's 300 rounds.
 
@@ -30,25 +31,26 @@ from pathlib import Path
 import numpy as np
 
 from fedcomp.metrics.accounting import speedup
-from fedcomp.network import ClientLink, shared_mask_round_time
 from fedcomp.runs import run_many, write_results
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNS = ROOT / "outputs" / "hgc_table2"
 RESULTS = Path(__file__).parent / "results"
 PAPER_WARMUP = 300  # rounds of sparsification-ratio warm-up (003_... Sec. 5)
+RAMP = ((0.3, 0.3), (0.5, 0.6), (0.7, 0.9))  # (fraction of rounds, local momentum): SOFF's 60/100/140 of 200 epochs
+RECIPE = "sofframp"  # run-directory tag: runs of another recipe are never mixed in
 
 SETTINGS = {
     "4iid": ["simulation.num_clients=4", "partition=iid"],
     "10dir": ["simulation.num_clients=10", "partition=dirichlet", "partition.alpha=0.5"],
 }
-MAIN = ("FedAvg", "DGC", "EF-signSGD", "STC", "HGC")  # in both settings
+MAIN = ("HGC", "FedAvg", "DGC", "EF-signSGD", "STC")  # in both settings
 EXTRA = ("HGC (1%, 1 bit)", "HGC (0.1%, 2 bits)", "HGC (paper downlink)")  # 4 IID clients only
 ABLATIONS = ("HGC | no prediction", "HGC | no prediction, own masks")  # Table 3, first seed, 4 IID
 
 
 def recipe(rounds: int) -> list[str]:
-    ramp = [[round(f * rounds), m] for f, m in ((0.05, 0.3), (0.10, 0.6), (0.15, 0.9))]
+    ramp = [[round(f * rounds), m] for f, m in RAMP]
     return [
         "dataset=fmnist", "model=cnn4", "network=lan_1gbps", f"num_rounds={rounds}", "train.steps=1", "train.batch_size=32",
         "train.lr=0.05", "train.weight_decay=0.001", "train.optimizer_state=persistent", "train.momentum=0.0",
@@ -91,32 +93,9 @@ def plan(rounds: int, seeds: list[int], settings: list[str]) -> list[tuple[str, 
         for setting in settings:
             names = MAIN + (EXTRA + (ABLATIONS if seed == seeds[0] else ()) if setting == "4iid" else ())
             for name in names:
-                out.append((setting, name, seed, RUNS / f"r{rounds}" / setting / f"s{seed}" / slug(name),
+                out.append((setting, name, seed, RUNS / f"r{rounds}_{RECIPE}" / setting / f"s{seed}" / slug(name),
                             [*recipe(rounds), *SETTINGS[setting], *table[name], f"seed={seed}"]))
     return out
-
-
-LINK = ClientLink(1e9, 1e9, 0.5e-3)  # network=lan_1gbps
-
-
-def fixed_compute_time(s: dict, compute_s: float) -> float:
-    """Simulated time of a run with every client's local compute set to ``compute_s``, so the
-    speedup compares communication alone, whatever the machine's load while the runs were
-    measured. Same round-time model as the strategies (fedcomp.network): a synchronous round
-    lasts as long as its slowest client; under HGC's shared mask the members compress only
-    after the owner (the client carrying the mask: the largest upload) is done."""
-    two_phase = s["config"]["strategy"]["_target_"].endswith("HGCStrategy") and s["config"]["strategy"]["mask_policy"] != "own"
-    total = 0.0
-    for r in s["rows"]:
-        parties = [(LINK, c["bytes_up"], c["bytes_down"], compute_s) for c in r["clients"].values()]
-        if not two_phase or len(parties) == 1:
-            total += max(link.round_time(up, down, t) for link, up, down, t in parties)
-            continue
-        owner = max(parties, key=lambda p: p[1])
-        members = [p for p in parties if p is not owner]
-        mask = max(0, max(p[2] for p in members) - owner[2])  # the relayed mask, on top of the owner's downlink
-        total += shared_mask_round_time(owner, members, mask)
-    return total
 
 
 def plateau_round(rows: list[dict], tolerance: float = 0.005) -> int:
@@ -173,7 +152,7 @@ def tabulate(runs: dict[str, dict[str, dict[int, dict]]], rounds: int) -> None:
     lines = [f"# HGC Tables 2-4 on FashionMNIST / cnn4 ({rounds} rounds, one recipe for every method)", "",
              "Regenerate: `.venv/bin/python experiments/hgc_table2/run.py" + (f" --rounds {rounds}" if rounds != 3000 else "") + " --jobs 2`", "",
              "Recipe (every method): 1 local SGD step of batch 32 per round, lr 0.05 (x0.1 at 50% and 75% of the rounds), "
-             "weight decay 1e-3, persistent client optimizer with momentum 0 -> 0.3 -> 0.6 -> 0.9 at 5/10/15% of the rounds "
+             "weight decay 1e-3, persistent client optimizer with momentum 0 -> 0.3 -> 0.6 -> 0.9 at 30/50/70% of the rounds "
              "(DGC's momentum correction takes it), sparsifier warm-up 25% -> target over 300 rounds. "
              "Every cell ran on CPU (2-core machine, one thread per run). ± is the population std over seeds.", ""]
     summary: dict = {}
@@ -183,14 +162,14 @@ def tabulate(runs: dict[str, dict[str, dict[int, dict]]], rounds: int) -> None:
             continue
         seeds = sorted(fedavg)
         plateaus = {seed: plateau_round(fedavg[seed]["rows"]) for seed in seeds}
-        compute_ref = float(np.median([c["compute_s"] for s in fedavg.values() for r in s["rows"] for c in r["clients"].values()]))
-        fed_time = {seed: fixed_compute_time(s, compute_ref) for seed, s in fedavg.items()}
+        fed_time = {seed: s["sim_time_s"] for seed, s in fedavg.items()}
         title = "4 clients, IID" if setting == "4iid" else "10 clients, Dirichlet(0.5)"
         lines += [f"## Table 2: {setting} ({title})", "",
                   "FedAvg plateau (first evaluation after which accuracy stays within 0.5 points of its final value): "
                   + ", ".join(f"seed {k}: round {v}" for k, v in plateaus.items()) + f" of {rounds}.", "",
-                  f"Speedup: FedAvg's simulated time over the method's for the same rounds at 1000 Mbit/s, every client's compute "
-                  f"fixed at FedAvg's median measured client round ({compute_ref * 1e3:.0f} ms). CR columns: seed {seeds[0]}; "
+                  "Speedup: FedAvg's simulated time over the method's for the same rounds (network=lan_1gbps: 1000 Mbit/s, "
+                  "50 GFLOP/s clients, compute from FLOPs and codec time from the calibrated table; deterministic). "
+                  f"CR columns: seed {seeds[0]}; "
                   "'w/o sync' leaves round 1's downlink (the initial model) out of the method's bytes and the dense reference.", "",
                   "| method | seeds | final acc | best acc | Max CR up | Max CR down | Total CR up | Total CR down | Total CR total | "
                   "Total CR down w/o sync | Total CR total w/o sync | speedup |",
@@ -200,7 +179,7 @@ def tabulate(runs: dict[str, dict[str, dict[int, dict]]], rounds: int) -> None:
                 continue
             s = by_seed[min(by_seed)]
             m, t, nosync = s["max_cr"], s["total_cr"], ratios_without_first_sync(s)
-            speed = np.mean([speedup(fed_time[k], fixed_compute_time(v, compute_ref)) for k, v in by_seed.items() if k in fed_time])
+            speed = np.mean([speedup(fed_time[k], v["sim_time_s"]) for k, v in by_seed.items() if k in fed_time])
             lines.append(f"| {name} | {len(by_seed)} | {mean_std([v['final_accuracy'] for v in by_seed.values()])} | "
                          f"{mean_std([v['best_accuracy'] for v in by_seed.values()])} | {fmt(m['up'])} | {fmt(m['down'])} | "
                          f"{fmt(t['up'])} | {fmt(t['down'])} | {fmt(t['total'])} | {fmt(nosync['down'])} | {fmt(nosync['total'])} | {speed:.2f} |")
