@@ -21,10 +21,16 @@ def _main(cfg: DictConfig) -> float | None:
     except ConfigError as exc:
         print(f"fedcomp: invalid config: {exc}", file=sys.stderr)
         sys.exit(2)
+    from fedcomp.data import DatasetMissingError
     from fedcomp.fl.engine import run_experiment  # heavy imports only after the config is valid
+    from fedcomp.network import TraceError
 
     out_dir = HydraConfig.get().runtime.output_dir
-    summary = run_experiment(cfg, out_dir)
+    try:
+        summary = run_experiment(cfg, out_dir)
+    except (DatasetMissingError, TraceError) as exc:
+        print(f"fedcomp: {exc}", file=sys.stderr)
+        sys.exit(2)
     print(
         f"final accuracy {summary['final_accuracy']:.4f} | up {summary['total_bytes_up']:,} B | "
         f"down {summary['total_bytes_down']:,} B | sim {summary['sim_time_s']:.2f} s | results in {out_dir}"

@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 
@@ -58,3 +59,47 @@ def test_cli_reports_invalid_config_before_training():
     )
     assert proc.returncode == 2
     assert "partition.alpha" in proc.stderr and "must be > 0" in proc.stderr
+
+
+BAD_CONFIGS = [
+    (["strategy=hgc", "strategy.ratio=2"], "strategy.ratio"),
+    (["strategy=hgc", "strategy.bits=0"], "strategy.bits"),
+    (["strategy=hgc", "strategy.bits=9"], "strategy.bits"),
+    (["strategy=hgc", "strategy.mask_policy=rotate"], "strategy.mask_policy"),
+    (["strategy=hgc", "strategy.round=async"], "strategy.round"),
+    (["strategy=hgc", "compressor=topk"], "compressor"),
+    (["simulation.num_clients=70000"], "simulation.num_clients"),
+    (["partition=shards", "partition.shards_per_client=10", "simulation.num_clients=7000"], "simulation.num_clients"),
+    (["controller=dagc", "compressor=qsgd"], "controller"),
+    (["controller=uniform", "compressor=none"], "controller"),
+    (["controller=nonuniform", "simulation.num_clients=3", "compressor=topk"], "controller.per_client"),
+    (["partition=explicit", "simulation.num_clients=3"], "partition.fractions"),
+    (["seed=-1"], "seed"),
+    (["train.device=cuda:7"], "train.device"),
+    (["dataset=synthetic", "dataset.synthetic.shape=[1,2,2]"], "model"),
+    (["dataset.root=/nonexistent"], "dataset.root"),
+    (["strategy.server_lr=-1"], "strategy.server_lr"),
+    (["strategy.round=deadline"], "strategy.round"),
+    (["model=resnet18"], "model.name"),
+    (["compressor=topk", "compressor.up.ratio=2"], "compressor.up"),
+    (["network.heterogeneity.kind=csv", "network.heterogeneity.path=/nope.csv"], "network.heterogeneity.path"),
+    (["network.availability.trace=/nope.csv"], "network.availability.trace"),
+    (["simulation.faults=[{kind: melt, clients: [0]}]"], "simulation.faults[0]"),
+    (["+strategy.bogus=1"], "strategy.bogus"),
+]
+
+
+@pytest.mark.parametrize("overrides, key", BAD_CONFIGS, ids=lambda x: " ".join(x) if isinstance(x, list) else "")
+def test_bad_configurations_name_the_key_before_loading_data(overrides, key, monkeypatch):
+    import fedcomp.data.datasets as datasets
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda cfg: pytest.fail("validation loaded data"))
+    with pytest.raises(ConfigError, match="^" + re.escape(key) + ":"):
+        compose_config(overrides)
+
+
+def test_cli_bad_configuration_is_one_line_never_a_traceback():
+    proc = subprocess.run([sys.executable, "-m", "fedcomp", "strategy=hgc", "strategy.bits=9", "hydra.run.dir=/tmp/fedcomp-invalid"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == ["fedcomp: invalid config: strategy.bits: bits must be in 1..8, got 9"]

@@ -17,7 +17,11 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 def test_device_values_are_checked_when_composing(fast_cfg):
     with pytest.raises(ConfigError, match="train.device"):
         fast_cfg("train.device=gpu")
-    assert fast_cfg("train.device=cuda:1").train.device == "cuda:1"
+    if torch.cuda.device_count() > 1:
+        assert fast_cfg("train.device=cuda:1").train.device == "cuda:1"
+    else:  # asked for a device this machine lacks: refused when composing, before any data loads
+        with pytest.raises(ConfigError, match="^train.device:"):
+            fast_cfg("train.device=cuda:1")
 
 
 def test_auto_falls_back_to_cpu_and_missing_cuda_is_a_config_error():

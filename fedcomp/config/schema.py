@@ -150,6 +150,8 @@ class DatasetConfig:
     def __post_init__(self) -> None:
         known = ("fmnist", "mnist", "cifar10", "synthetic")
         _require(self.name in known, "dataset.name", f"must be one of {known}", self.name)
+        _require(self.root is None or self.download or Path(self.root).expanduser().is_dir(), "dataset.root",
+                 "no such directory (a named root is never replaced by another copy)", self.root)
 
 
 @dataclass
@@ -296,6 +298,7 @@ def validate(cfg: DictConfig) -> None:
     from fedcomp.models.zoo import MODELS
 
     _require(cfg.num_rounds >= 1, "num_rounds", "must be >= 1", cfg.num_rounds)
+    _require(cfg.seed >= 0, "seed", "must be >= 0", cfg.seed)
     _require(cfg.eval_every >= 1, "eval_every", "must be >= 1", cfg.eval_every)
     t = cfg.target_accuracy
     _require(t is None or 0 < t <= 1, "target_accuracy", "must be in (0, 1] or null", t)
@@ -315,3 +318,6 @@ def validate(cfg: DictConfig) -> None:
     unknown = set(cfg.compressor) - {"up", "down", "downlink"}
     _require(not unknown, f"compressor.{sorted(unknown)[0] if unknown else ''}", "unknown option; compressor takes up, down, downlink", None)
     _require("_target_" in cfg.strategy, "strategy._target_", "is required (the strategy class)", None)
+    from fedcomp.config.checks import cross_check  # builds the model and compressors: after the cheap checks
+
+    cross_check(cfg)

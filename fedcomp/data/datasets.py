@@ -80,10 +80,11 @@ CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 
 
 def load_fmnist(root: str | None, download: bool) -> tuple[TensorData, TensorData]:
-    """FashionMNIST from IDX files: ``root`` itself, the Debian package's directory, or the
-    torchvision layout ``root/FashionMNIST/raw``; torchvision downloads when asked to."""
+    """FashionMNIST from IDX files: ``root`` itself or its torchvision layout
+    ``root/FashionMNIST/raw`` when a root is given (never another copy), else the Debian
+    package's directory; torchvision downloads into ``root`` when asked to."""
     roots = [Path(root).expanduser()] if root else []
-    candidates = [p for r in roots for p in (r, r / "FashionMNIST" / "raw")] + [DEBIAN_FMNIST]
+    candidates = [p for r in roots for p in (r, r / "FashionMNIST" / "raw")] if root else [DEBIAN_FMNIST]
     found = _find_idx_dir(candidates)
     if found is None and download and root:
         import torchvision
@@ -161,6 +162,27 @@ def _cached(name: str, root: str | None, download: bool, synthetic: tuple) -> tu
     if name == "synthetic":
         return load_synthetic(**dict(synthetic))
     return _LOADERS[name](root, download)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What a dataset gives, known without loading it."""
+
+    num_train: int
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+
+_SPECS = {"fmnist": DatasetSpec(60000, (1, 28, 28), 10), "mnist": DatasetSpec(60000, (1, 28, 28), 10),
+          "cifar10": DatasetSpec(50000, (3, 32, 32), 10)}
+
+
+def dataset_spec(cfg) -> DatasetSpec:
+    """Training-set size, input shape and classes of a ``dataset`` config entry."""
+    if cfg.name == "synthetic":
+        syn = cfg.get("synthetic") or {}
+        return DatasetSpec(int(syn.get("num_train", 2000)), tuple(syn.get("shape", (1, 12, 12))), int(syn.get("num_classes", 10)))
+    return _SPECS[cfg.name]
 
 
 def load_dataset(cfg) -> tuple[TensorData, TensorData]:

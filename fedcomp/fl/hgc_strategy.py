@@ -43,6 +43,7 @@ from flwr.serverapp import Grid
 
 from fedcomp.coding import encode_indices
 from fedcomp.compression.selectors import budget
+from fedcomp.config.schema import ConfigError
 from fedcomp.fl import messages as M
 from fedcomp.fl.strategy import Arrival, ClientFault, CompressedFedAvg
 from fedcomp.hgc.codec import (
@@ -96,6 +97,29 @@ class HGCStrategy(CompressedFedAvg):
         self._owner_arrival: Arrival | None = None
         self._shared: torch.Tensor | None = None  # the round's shared mask, once the owner's payload is in
         self._phase1: set[int] = set()  # nodes asked to own this round's mask
+
+    @classmethod
+    def check_params(cls, params: dict, cfg, sizes: list[int]) -> None:
+        super().check_params(params, cfg, sizes)
+        if params.get("round") == "async":
+            raise ConfigError("strategy.round: HGC's shared mask and predictor are synchronous; async is not defined for it")
+        if params.get("mask_policy", "rotating") not in MASK_POLICIES:
+            raise ConfigError(f"strategy.mask_policy: must be one of {MASK_POLICIES} (got {params['mask_policy']!r})")
+        for key in ("ratio", "lr_step_ratio", "warmup_start"):
+            value = params.get(key)
+            if value is not None and not 0 < value <= 1:
+                raise ConfigError(f"strategy.{key}: must be in (0, 1] (got {value})")
+        if params.get("exempt_first", 0) + params.get("exempt_last", 0) > len(sizes):
+            raise ConfigError(f"strategy.exempt_first: with exempt_last exceeds the model's {len(sizes)} tensors")
+        fields = {k: params[k] for k in HGCSettings.__dataclass_fields__ if k in params}
+        try:
+            HGCSettings(**fields)
+        except ValueError as exc:
+            key = next((k for k in fields if k in str(exc)), "bits")
+            raise ConfigError(f"strategy.{key}: {exc}") from None
+        if cfg.compressor.up.name != "identity" or cfg.compressor.down.name != "identity":
+            raise ConfigError(f"compressor: strategy=hgc codes both directions itself; use compressor=none "
+                              f"(got compressor.up.name={cfg.compressor.up.name})")
 
     def on_setup(self) -> None:
         self.segments = self.settings.segments(self._layout.sizes)

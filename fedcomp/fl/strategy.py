@@ -49,6 +49,8 @@ from flwr.serverapp.strategy import Strategy
 
 from fedcomp.allocation.controllers import History, RatioController
 from fedcomp.compression import Compressor, build
+from fedcomp.config.checks import check_signature
+from fedcomp.config.schema import ConfigError
 from fedcomp.fl import messages as M
 from fedcomp.fl.rounds import RoundPolicy
 from fedcomp.fl.schedule import TrainSchedule
@@ -127,6 +129,22 @@ class CompressedFedAvg(Strategy):
         self._round_start = 0.0
         self._in_flight: list = []  # async: (arrival time, seq, Arrival)
         self._seq = 0
+
+    @classmethod
+    def check_params(cls, params: dict, cfg, sizes: list[int]) -> None:
+        """Refuse bad ``strategy.*`` values before any data is loaded (``ConfigError`` naming the key)."""
+        check_signature(cls, params)
+        if params.get("server_lr", 1.0) <= 0:
+            raise ConfigError(f"strategy.server_lr: must be > 0 (got {params['server_lr']})")
+        if params.get("min_replies", 1) > cfg.simulation.num_clients:
+            raise ConfigError(f"strategy.min_replies: exceeds simulation.num_clients={cfg.simulation.num_clients}")
+        if not 0 <= params.get("max_failure_fraction", 1.0) <= 1:
+            raise ConfigError(f"strategy.max_failure_fraction: must be in [0, 1] (got {params['max_failure_fraction']})")
+        policy = {k: params[k] for k in ("deadline_s", "overcommit", "buffer_size", "max_staleness", "concurrency") if k in params}
+        try:
+            RoundPolicy(params.get("round", "sync"), **policy)
+        except ValueError as exc:
+            raise ConfigError(f"strategy.round: {exc}") from None
 
     # -- set-up and the loop ------------------------------------------------------------------
 
