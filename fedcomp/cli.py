@@ -10,6 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from fedcomp.config import CONF_DIR, ConfigError, register_schema, validate
+from fedcomp.config.plugins import importable_cwd
 
 log = logging.getLogger("fedcomp")
 
@@ -39,5 +40,6 @@ def _main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
+    importable_cwd()
     register_schema()
     _main()

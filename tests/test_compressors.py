@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 
 from fedcomp.compression import PayloadError, build, registered
 from fedcomp.compression.selectors import budget, optimal_probabilities
+from fedcomp.config.compose import CONF_DIR
 
 ALL = registered()
 SHAPES = st.lists(st.integers(0, 9), min_size=0, max_size=3)
@@ -209,7 +210,7 @@ def test_layerwise_payload_corruption():
             c.decompress(payload[:cut])
 
 
-@pytest.mark.parametrize("config", sorted(p.stem for p in __import__("pathlib").Path(__file__).parents[1].joinpath("conf", "compressor").glob("*.yaml")))
+@pytest.mark.parametrize("config", sorted(p.stem for p in (CONF_DIR / "compressor").glob("*.yaml")))
 def test_every_compressor_config_builds_through_hydra(config):
     from hydra.utils import instantiate
 
@@ -223,9 +224,8 @@ def test_every_compressor_config_builds_through_hydra(config):
 
 
 def test_every_registered_compressor_has_a_config():
-    from pathlib import Path
 
-    configs = {p.stem for p in (Path(__file__).parents[1] / "conf" / "compressor").glob("*.yaml")}
+    configs = {p.stem for p in (CONF_DIR / "compressor").glob("*.yaml")}
     assert set(ALL) - {"identity"} <= configs
 
 

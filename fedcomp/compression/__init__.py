@@ -1,7 +1,7 @@
 """Compressors: tensor -> real bytes -> tensor.
 
 ``build(name, **params)`` returns a registered compressor; Hydra configs reach the same
-function through ``conf/compressor/*.yaml`` (``_target_: fedcomp.compression.build``).
+function through ``fedcomp/conf/compressor/*.yaml`` (``_target_: fedcomp.compression.build``).
 """
 
 from fedcomp.compression.base import Compressor

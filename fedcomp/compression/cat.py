@@ -30,7 +30,7 @@ torch.topk, doubling m until the efficiency has turned down (quasi-concave: Prop
 omega(T) costs O(d) per T; its optimum over T (affine, payload) or over the T_c (packet) is
 found by ternary search, which assumes unimodality (omega increasing, C affine or a step
 function) -- an assumption, not a theorem. ``recompute_every`` = S keeps T for S calls between
-searches (App. H). The paper's CAT has no error feedback (``conf/compressor/cat.yaml``: off;
+searches (App. H). The paper's CAT has no error feedback (``fedcomp/conf/compressor/cat.yaml``: off;
 error feedback would also bias the unbiased stochastic compressor).
 """
 

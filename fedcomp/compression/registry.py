@@ -29,16 +29,22 @@ def build(
     name: str, *, scope: str = "model", error_feedback: bool = False,
     sizes: list[int] | None = None, **params: Any,
 ) -> Compressor:
-    """Build compressor ``name`` with ``params``; ``scope="layerwise"`` gives each layer
-    (``sizes``) its own instance, ``error_feedback`` wraps the result in an EF memory."""
+    """Build compressor ``name`` (registered, or a dotted class path) with ``params``;
+    ``scope="layerwise"`` gives each layer (``sizes``) its own instance, ``error_feedback``
+    wraps the result in an EF memory."""
     from fedcomp.compression.memory import ErrorFeedback
     from fedcomp.compression.scope import Layerwise
 
     _load_builtins()
-    try:
+    if name in _REGISTRY:
         cls = _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown compressor {name!r}; known: {sorted(_REGISTRY)}") from None
+    elif "." in name:  # a class of the user's, by its dotted path
+        from hydra.utils import get_class
+
+        cls = get_class(name)
+    else:
+        raise ValueError(f"unknown compressor {name!r}; known: {sorted(_REGISTRY)}, or a dotted class path "
+                         "(or import your module with plugins: [...])")
     if scope == "model":
         compressor = cls(**params)
     elif scope == "layerwise":

@@ -15,6 +15,7 @@ import torch
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from fedcomp.config.plugins import build_target
 from fedcomp.config.schema import ConfigError
 
 SPARSIFIER_HINT = "a sparsifying uplink compressor (topk, randomk, stochastic, sq, stc, dgc)"
@@ -30,13 +31,16 @@ def cross_check(cfg: DictConfig) -> None:
 
     spec = dataset_spec(cfg.dataset)
     n = cfg.simulation.num_clients
+    _check_device(cfg.train.device)
+    if spec is None:  # a plug-in dataset without a spec: what needs its shape waits for the data
+        return
     per_client = cfg.partition.get("shards_per_client", cfg.partition.get("min_samples", 1))
     if spec.num_train < n * per_client:
         raise _fail("simulation.num_clients", f"{n} clients x {per_client} sample(s) or shard(s) each exceed the "
                     f"{spec.num_train} training samples of dataset {cfg.dataset.name}")
     if cfg.partition.name == "explicit" and len(cfg.partition.fractions) != n:
         raise _fail("partition.fractions", f"has {len(cfg.partition.fractions)} entries for simulation.num_clients={n}")
-    if cfg.model.name == "resnet18" and spec.input_shape[0] != 3:
+    if cfg.model.get("name") == "resnet18" and spec.input_shape[0] != 3:
         raise _fail("model.name", f"resnet18 is the CIFAR-style ResNet (3-channel images); dataset {cfg.dataset.name} "
                     f"gives {spec.input_shape}")
     try:
@@ -45,16 +49,20 @@ def cross_check(cfg: DictConfig) -> None:
             model = build_model(cfg.model, spec.input_shape, spec.num_classes, cfg.seed)
             model.eval()(torch.zeros(1, *spec.input_shape))
     except (ValueError, RuntimeError) as exc:
-        raise _fail("model", f"{cfg.model.name} cannot take dataset {cfg.dataset.name}'s input {spec.input_shape}: {exc}") from None
+        raise _fail("model", f"{cfg.model.get('name') or cfg.model._target_} cannot take dataset {cfg.dataset.name}'s input {spec.input_shape}: {exc}") from None
     sizes = StateLayout.of(model).sizes
     compressors = {}
     for direction in ("up", "down"):
         try:
-            compressors[direction] = instantiate(cfg.compressor[direction], sizes=sizes)
+            compressors[direction] = build_target(cfg.compressor[direction], sizes=sizes)
         except Exception as exc:  # noqa: BLE001 -- any failure to build is the config's
             raise _fail(f"compressor.{direction}", str(getattr(exc, "__cause__", None) or exc)) from None
-    _check_device(cfg.train.device)
+    from fedcomp.fl.strategy import CompressedFedAvg
+
     strategy = get_class(cfg.strategy._target_)
+    if not (isinstance(strategy, type) and issubclass(strategy, CompressedFedAvg)):
+        raise _fail("strategy._target_", f"{cfg.strategy._target_} is not a fedcomp strategy: subclass "
+                    "fedcomp.fl.strategy.CompressedFedAvg (Flower's own strategies exchange ArrayRecords, not coded payloads)")
     params = {k: v for k, v in OmegaConf.to_container(cfg.strategy, resolve=True).items() if k != "_target_"}
     check = getattr(strategy, "check_params", None)
     if check is not None:

@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 
 from fedcomp.config.schema import register_schema, validate
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # package data: a wheel carries the configs
 
 
 def compose_config(overrides: list[str] | str = ()) -> DictConfig:

@@ -113,12 +113,19 @@ class ExperimentConfig:
     compressor: Any = MISSING
     network: Any = MISSING
     controller: Any = MISSING
+    client: Any = MISSING  # the client algorithm (fedavg, fedprox, scaffold, or a _target_ of yours)
     num_rounds: int = 5
     seed: int = 0
     eval_every: int = 1
     target_accuracy: Optional[float] = None
     verbose: bool = False
     progress: bool = True
+    name: Optional[str] = None  # the run's name (summary.json, reports)
+    tags: list[str] = field(default_factory=list)
+    plugins: list[str] = field(default_factory=list)  # modules imported first (user compressors, ...)
+    checkpoint_every: int = 0  # rounds between checkpoints (0: only the final model is saved)
+    resume: bool = False  # skip a run whose directory already holds a finished summary.json
+    loggers: list[str] = field(default_factory=lambda: ["csv"])  # csv (metrics.csv), tensorboard
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -295,22 +302,28 @@ def _check_kwargs(group: str, factory: Any, params: dict[str, Any], skip: int) -
 
 def validate(cfg: DictConfig) -> None:
     """Check every part of an experiment config; raise ``ConfigError`` naming the key."""
+    from fedcomp.config.plugins import import_plugins
     from fedcomp.models.zoo import MODELS
 
+    import_plugins(cfg)
     _require(cfg.num_rounds >= 1, "num_rounds", "must be >= 1", cfg.num_rounds)
     _require(cfg.seed >= 0, "seed", "must be >= 0", cfg.seed)
+    _require(cfg.checkpoint_every >= 0, "checkpoint_every", "must be >= 0", cfg.checkpoint_every)
+    _require(set(cfg.loggers) <= {"csv", "tensorboard"}, "loggers", "must list csv and/or tensorboard", list(cfg.loggers))
     _require(cfg.eval_every >= 1, "eval_every", "must be >= 1", cfg.eval_every)
     t = cfg.target_accuracy
     _require(t is None or 0 < t <= 1, "target_accuracy", "must be in (0, 1] or null", t)
     _check_group("simulation", cfg.simulation, SimulationConfig)
     _check_group("train", cfg.train, TrainConfig)
-    _check_group("dataset", cfg.dataset, DatasetConfig)
+    if not cfg.dataset.get("_target_"):
+        _check_group("dataset", cfg.dataset, DatasetConfig)
     _require(cfg.partition.get("name") in PARTITIONS, "partition.name", f"must be one of {list(PARTITIONS)}", cfg.partition.get("name"))
     _check_group("partition", cfg.partition, PARTITIONS[cfg.partition.name])
     _check_group("network", cfg.network, NetworkConfig)
     model = OmegaConf.to_container(cfg.model)
-    _require(model.get("name") in MODELS, "model.name", f"must be one of {sorted(MODELS)}", model.get("name"))
-    _check_kwargs("model", MODELS[model.pop("name")], model, skip=2)
+    if not model.get("_target_"):
+        _require(model.get("name") in MODELS, "model.name", f"must be one of {sorted(MODELS)} or give _target_", model.get("name"))
+        _check_kwargs("model", MODELS[model.pop("name")], model, skip=2)
     for direction in ("up", "down"):
         _require(direction in cfg.compressor, f"compressor.{direction}", "is required", None)
     downlink = cfg.compressor.get("downlink")

@@ -13,8 +13,10 @@ from typing import Callable
 
 import numpy as np
 import torch
+from hydra.utils import get_object
 from omegaconf import OmegaConf
 
+from fedcomp.config.plugins import target_params
 from fedcomp.data.idx import read_idx
 
 DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -177,16 +179,32 @@ _SPECS = {"fmnist": DatasetSpec(60000, (1, 28, 28), 10), "mnist": DatasetSpec(60
           "cifar10": DatasetSpec(50000, (3, 32, 32), 10)}
 
 
-def dataset_spec(cfg) -> DatasetSpec:
-    """Training-set size, input shape and classes of a ``dataset`` config entry."""
+def dataset_spec(cfg) -> DatasetSpec | None:
+    """Training-set size, input shape and classes of a ``dataset`` config entry, known without
+    loading it (a plug-in dataset's ``spec(**params)`` if it has one, else None)."""
+    if cfg.get("_target_"):
+        spec = getattr(get_object(cfg._target_), "spec", None)
+        return spec(**target_params(cfg)) if spec is not None else None
     if cfg.name == "synthetic":
         syn = cfg.get("synthetic") or {}
         return DatasetSpec(int(syn.get("num_train", 2000)), tuple(syn.get("shape", (1, 12, 12))), int(syn.get("num_classes", 10)))
     return _SPECS[cfg.name]
 
 
+@lru_cache(maxsize=4)
+def _cached_plugin(target: str, params: tuple) -> tuple[TensorData, TensorData]:
+    train, test = get_object(target)(**dict(params))
+    if not isinstance(train, TensorData) or not isinstance(test, TensorData):
+        raise TypeError(f"dataset {target} must return (train, test) fedcomp.data.TensorData")
+    return train, test
+
+
 def load_dataset(cfg) -> tuple[TensorData, TensorData]:
-    """Load (and cache per process) the dataset a ``dataset`` config group entry describes."""
+    """Load (and cache per process) the dataset a ``dataset`` config group entry describes:
+    ``name`` of a built-in, or ``_target_`` a loader of the user's returning (train, test)
+    ``TensorData`` (with an optional ``spec(**params) -> DatasetSpec`` for checks before loading)."""
+    if cfg.get("_target_"):
+        return _cached_plugin(cfg._target_, tuple(sorted(target_params(cfg).items())))
     name = cfg.name
     if name not in (*_LOADERS, "synthetic"):
         raise ValueError(f"unknown dataset {name!r}; known: {sorted((*_LOADERS, 'synthetic'))}")

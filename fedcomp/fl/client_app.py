@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 from fedcomp.config import compose_config
 from fedcomp.fl import messages as M
-from fedcomp.fl.client_round import apply_resets, client_seed, open_payload, reply_record, train_round, uplink_compressor
+from fedcomp.fl.client_round import apply_resets, client_seed, open_payload, reply, train_round, uplink_compressor
 from fedcomp.fl.client_state import ClientState, client_state
 from fedcomp.fl.faults import with_faults
 from fedcomp.fl.hgc_client import hgc_round
@@ -65,13 +65,13 @@ def train_on_client(cfg: DictConfig, msg: Message, context: Context) -> Message:
     received = receive_model(rt, msg.content[M.DOWN], state)
     decode_s = time.perf_counter() - start
     up = uplink_compressor(rt, state, seed, config)
-    result = train_round(rt, received, state, partition_id, seed, config, momentum_taken=up.take_momentum(float(config[M.MOMENTUM])))
+    result = train_round(rt, received, state, partition_id, seed, config, msg.content.get(M.EXTRA),
+                         momentum_taken=up.take_momentum(float(config[M.MOMENTUM])))
     start = time.perf_counter()
     payload = up.compress(result.update)
     encode_s = time.perf_counter() - start
     state.put(M.UP_STATE, up.state())
-    content = RecordDict({M.UP: reply_record(rt, payload), M.METRICS: result.metrics(partition_id, encode_s, decode_s)})
-    return Message(content, reply_to=msg)
+    return reply(rt, msg, payload, result, partition_id, encode_s, decode_s)
 
 
 @lru_cache(maxsize=4)

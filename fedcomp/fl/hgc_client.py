@@ -11,11 +11,11 @@ from __future__ import annotations
 import time
 
 import torch
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, Message
 
 from fedcomp.coding import decode_indices, encode_indices
 from fedcomp.fl import messages as M
-from fedcomp.fl.client_round import reply_record, train_round
+from fedcomp.fl.client_round import reply, train_round
 from fedcomp.fl.client_state import ClientState
 from fedcomp.fl.runtime import Runtime
 from fedcomp.hgc.codec import (
@@ -74,7 +74,7 @@ def hgc_round(rt: Runtime, msg: Message, state: ClientState, partition_id: int, 
     decode_s = time.perf_counter() - start
     d = w.numel()
 
-    result = train_round(rt, w, state, partition_id, seed, config)
+    result = train_round(rt, w, state, partition_id, seed, config, msg.content.get(M.EXTRA))
     start = time.perf_counter()
     memory = state.tensor(M.UP_STATE, "residual")
     x = result.update + (memory if memory is not None else 0)
@@ -94,5 +94,4 @@ def hgc_round(rt: Runtime, msg: Message, state: ClientState, partition_id: int, 
     state.set_number(M.REPLICA_VERSION, int(rec[M.VERSION]))
     state.put(M.HGC_STATE, {**predictor.state(), "velocity": velocity, "mask": mask})
     state.put(M.UP_STATE, {"residual": memory})
-    content = RecordDict({M.UP: reply_record(rt, payload), M.METRICS: result.metrics(partition_id, encode_s, decode_s)})
-    return Message(content, reply_to=msg)
+    return reply(rt, msg, payload, result, partition_id, encode_s, decode_s)

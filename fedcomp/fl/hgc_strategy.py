@@ -250,6 +250,7 @@ class HGCStrategy(CompressedFedAvg):
         accepted, ends_by = self.select(stats, arrivals)
         if self.usable(stats, len(accepted)):
             self.aggregate(stats, accepted)
+            self.algorithm.server_update([a.extras for a in accepted], len(self._partition_of))
         else:
             stats.skipped = True
         self.finish(stats, accepted, ends_by)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -33,6 +35,7 @@ def train_local(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, *, epochs: int,
     steps: int | None, batch_size: int, lr: float, momentum: float, weight_decay: float,
     generator: torch.Generator, momentum_buffers: dict[str, torch.Tensor] | None = None,
+    grad_hook: Callable[[nn.Module], None] | None = None,
 ) -> float:
     """Run SGD on the samples ``indices`` of (x, y): ``steps`` mini-batches if given, else
     ``epochs`` passes. Batches come from a fresh permutation per pass and are gathered from
@@ -42,7 +45,8 @@ def train_local(
     calls: it is loaded before the first step and updated in place afterwards (CPU tensors).
     A missing buffer starts at zero, which for SGD without dampening is exactly PyTorch's
     first-step initialisation. Without it, momentum lives for this call only.
-    Returns the mean training loss."""
+    ``grad_hook(model)`` runs after each backward pass, before the step (a client algorithm's
+    gradient correction: FedProx, SCAFFOLD). Returns the mean training loss."""
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     carried = momentum_buffers is not None and momentum > 0
@@ -62,6 +66,8 @@ def train_local(
             opt.zero_grad(set_to_none=True)
             loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
             loss.backward()
+            if grad_hook is not None:
+                grad_hook(model)
             opt.step()
             loss_sum += loss.detach()
             done += 1

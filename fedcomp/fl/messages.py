@@ -32,12 +32,14 @@ DELTA = "delta"  # the last global update, coded by the downlink compressor (dow
 
 # Client state (fedcomp.fl.client_state): tensor groups, and numbers.
 UP_STATE = "fedcomp.up.state"  # the uplink compressor's state (error feedback, ...)
+ALGO_STATE = "fedcomp.algorithm"  # a client algorithm's own state (SCAFFOLD's c_i)
 OPT_STATE = "fedcomp.optimizer"  # local SGD momentum buffers (train.optimizer_state: persistent)
 RESETS_SEEN = "fedcomp.resets"  # number: the last reset this client applied
 REPLICA = "fedcomp.replica"  # {"w": flat model}: the client's copy (downlink: update)
 REPLICA_VERSION = "fedcomp.replica.version"  # number: the version the replica holds
 
 # HGC (fl/hgc_strategy.py, fl/hgc_client.py).
+EXTRA = "fedcomp.extra"  # ConfigRecord {name: fp32 payload}: a client algorithm's extra tensors (both ways)
 HGC = "fedcomp.hgc"  # ConfigRecord: the round's HGC instructions and downlink
 HGC_STATE = "fedcomp.hgc.state"  # client tensors: u, v, velocity, mask (EF memory is in UP_STATE)
 

@@ -12,12 +12,13 @@ from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from fedcomp.compression import Compressor, build
 from fedcomp.config import ConfigError
+from fedcomp.config.plugins import build_target
 from fedcomp.data import TensorData, load_dataset
+from fedcomp.fl.algorithms import ClientAlgorithm
 from fedcomp.models import StateLayout, build_model
 from fedcomp.network.compute import training_flops_per_sample
 from fedcomp.partition import Partition, make_partition
@@ -60,13 +61,19 @@ class Runtime:
         """The process's compressor for ``direction`` ("up" or "down"), built once. Per-client
         state is not kept here but loaded from and saved to each client's Context."""
         if direction not in self._compressors:
-            self._compressors[direction] = instantiate(self.cfg.compressor[direction], sizes=self.layout.sizes)
+            self._compressors[direction] = build_target(self.cfg.compressor[direction], sizes=self.layout.sizes)
         return self._compressors[direction]
 
     @cached_property
     def training_flops(self) -> float:
         """Training FLOPs per sample of this model (counted once; the simulated compute)."""
         return training_flops_per_sample(self.model, self.train.input_shape, self.train.num_classes)
+
+    @cached_property
+    def algorithm(self) -> ClientAlgorithm:
+        """The client algorithm (``client=...``): plain local SGD unless configured."""
+        node = self.cfg.get("client")
+        return build_target(node) if node is not None and node.get("_target_") else ClientAlgorithm()
 
     @cached_property
     def seal(self) -> Seal | None:

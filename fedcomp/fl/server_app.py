@@ -19,6 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from fedcomp.compression import build
+from fedcomp.config.plugins import build_target
 from fedcomp.fl.client_app import config_from_overrides
 from fedcomp.fl.local import evaluate
 from fedcomp.fl.runtime import Runtime, get_runtime
@@ -44,6 +45,7 @@ def build_strategy(cfg: DictConfig, rt: Runtime) -> Strategy:
         controller=instantiate(cfg.controller) if cfg.controller.get("_target_") else None,
         sizes=rt.partition.sizes,
         seal=rt.seal,
+        algorithm=build_target(cfg.client) if cfg.get("client") and cfg.client.get("_target_") else None,
     )
 
 

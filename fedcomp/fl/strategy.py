@@ -39,7 +39,7 @@ from __future__ import annotations
 import heapq
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -52,6 +52,7 @@ from fedcomp.compression import Compressor, build
 from fedcomp.config.checks import check_signature
 from fedcomp.config.schema import ConfigError
 from fedcomp.fl import messages as M
+from fedcomp.fl.algorithms import ClientAlgorithm
 from fedcomp.fl.rounds import RoundPolicy
 from fedcomp.fl.schedule import TrainSchedule
 from fedcomp.metrics import ClientRound, RoundStats
@@ -77,6 +78,7 @@ class Sent:
     version: int
     overhead: int
     mask_bytes: int = 0  # HGC: the relayed mask, part of ``bytes``
+    coded: int = 0  # the payload's own bytes (its codec's work) and the mask, without a client algorithm's extras
 
 
 @dataclass
@@ -89,6 +91,7 @@ class Arrival:
     update: object
     timeline: Timeline | None = None
     base_version: int = 0
+    extras: dict = field(default_factory=dict)  # the client algorithm's tensors (SCAFFOLD's dc_i)
 
 
 class CompressedFedAvg(Strategy):
@@ -98,6 +101,7 @@ class CompressedFedAvg(Strategy):
         controller: RatioController | None = None, sizes: np.ndarray | None = None, round: str = "sync",
         deadline_s: float | None = None, overcommit: float = 1.3, buffer_size: int = 10, max_staleness: int = 5,
         concurrency: int | None = None, min_replies: int = 1, max_failure_fraction: float = 1.0, seal: Seal | None = None,
+        algorithm: ClientAlgorithm | None = None,
     ) -> None:
         if downlink not in DOWNLINK_MODES:
             raise ValueError(f"downlink must be 'model' or 'update', got {downlink!r}")
@@ -111,6 +115,7 @@ class CompressedFedAvg(Strategy):
         self.history = History(weights=self.sizes / self.sizes.sum() if self.sizes.size else np.zeros(0))
         self.policy = RoundPolicy(round, deadline_s, overcommit, buffer_size, max_staleness, concurrency)
         self.min_replies, self.max_failure_fraction, self.seal = min_replies, max_failure_fraction, seal
+        self.algorithm = algorithm or ClientAlgorithm()
         self.rounds: dict[int, RoundStats] = {}
         self.clock = 0.0  # simulated seconds since the run started
         self._partition_of: dict[int, int] = {}  # node -> partition id
@@ -297,11 +302,15 @@ class CompressedFedAvg(Strategy):
     def dispatch(self, node: int, records: dict[str, ConfigRecord], server_round: int, payload_key: str, mask_bytes: int = 0) -> Message | None:
         """Note what goes to ``node`` and build its train message; None when the client drops
         out mid-round (its download happened and is counted, nothing comes back)."""
+        if extras := self.algorithm.server_extras(self.d):
+            records = {**records, M.EXTRA: ConfigRecord(self.algorithm.encode(extras))}
         content = RecordDict(records)
         rec = records[payload_key]
         payload = rec[M.PAYLOAD]
-        sent_bytes = len(payload) + len(rec.get(M.TAG, b"")) + mask_bytes
-        self._sent[node] = Sent(sent_bytes, frame_codec(payload), self._version, M.overhead_bytes(content), mask_bytes)
+        extra_bytes = sum(len(v) for v in records[M.EXTRA].values()) if M.EXTRA in records else 0
+        sent_bytes = len(payload) + len(rec.get(M.TAG, b"")) + mask_bytes + extra_bytes
+        self._sent[node] = Sent(sent_bytes, frame_codec(payload), self._version, M.overhead_bytes(content), mask_bytes,
+                                len(payload) + mask_bytes)
         if self.system.availability.drops(self.partition(node), server_round):
             self._dropped.add(node)
             self._fail(node, "dropped out mid-round")
@@ -391,16 +400,21 @@ class CompressedFedAvg(Strategy):
                 up_bytes = len(payload) + len(record.get(M.TAG, b""))
                 metrics = self.client_metrics(node, reply.content[M.METRICS])
                 update = self.decode_update(payload)
+                try:
+                    extras = self.algorithm.decode(reply.content.get(M.EXTRA), self.d)
+                except PayloadError as exc:
+                    raise ClientFault(f"bad client-algorithm extra: {exc}") from None
+                up_bytes += sum(len(v) for v in reply.content[M.EXTRA].values()) if M.EXTRA in reply.content else 0
             except ClientFault as exc:
                 self._fail(node, str(exc), up_bytes)
                 continue
             self._synced[node] = sent.version
             work = ClientWork(pid, sent.bytes, sent.codec, up_bytes, frame_codec(payload), int(metrics["samples"]),
-                              float(metrics["compute-s"]), metrics["encode-s"], metrics["decode-s"])
+                              float(metrics["compute-s"]), metrics["encode-s"], metrics["decode-s"], sent.coded, len(payload))
             client = ClientRound(pid, up_bytes, sent.bytes, int(self.sizes[pid]) if self.sizes.size else int(metrics["num-examples"]),
                                  float(metrics["train-loss"]), 0.0, self._ratios.get(node), float(metrics["grad-sq-norm"]),
                                  M.overhead_bytes(reply.content), sent.overhead)
-            arrivals.append(Arrival(node, client, work, update, base_version=sent.version))
+            arrivals.append(Arrival(node, client, work, update, base_version=sent.version, extras=extras))
         for node in self._sent if expected is None else expected:
             if node not in replied and node not in self._dropped:
                 self._fail(node, "no reply (lost or timed out)")
@@ -428,7 +442,7 @@ class CompressedFedAvg(Strategy):
         t0 = self._round_start
         for a in accepted:
             stats.clients.append(replace(a.client, compute_s=a.timeline.trained - a.timeline.downloaded, finish_s=a.timeline.uploaded - t0))
-        end = self.system.server_done([(a.timeline.uploaded, a.work.up_codec, a.work.up_bytes) for a in accepted], t0)
+        end = self.system.server_done([(a.timeline.uploaded, a.work.up_codec, a.work.up_coded) for a in accepted], t0)
         if ends_by is not None or (self.policy.kind == "deadline" and stats.failures):
             end = max(end, t0 + self.policy.deadline_s)
         stats.sim_time_s = end - t0
@@ -436,7 +450,7 @@ class CompressedFedAvg(Strategy):
 
     def _downlink_encode_s(self) -> float:
         """The server's time to encode this round's downlink (once per distinct payload kind)."""
-        kinds = {(s.codec, s.bytes - s.mask_bytes) for s in self._sent.values()}
+        kinds = {(s.codec, s.coded - s.mask_bytes) for s in self._sent.values()}
         return sum(self.system.server_s(codec, "encode", n) for codec, n in kinds)
 
     def usable(self, stats: RoundStats, accepted: int) -> bool:
@@ -460,6 +474,7 @@ class CompressedFedAvg(Strategy):
         accepted, ends_by = self.select(stats, arrivals)
         if self.usable(stats, len(accepted)):
             self.aggregate(stats, accepted)
+            self.algorithm.server_update([a.extras for a in accepted], len(self._partition_of))
         else:
             stats.skipped = True
             log.warning("round %d skipped: %d usable of %d sampled", server_round, len(accepted), len(accepted) + len(stats.failures))
@@ -531,6 +546,7 @@ class CompressedFedAvg(Strategy):
             accepted.append(a)
         if self.usable(stats, len(accepted)):
             self.aggregate(stats, accepted, lambda a: RoundPolicy.staleness_weight(a.client.staleness))
+            self.algorithm.server_update([a.extras for a in accepted], len(self._partition_of))
         else:
             stats.skipped = True
         self.finish(stats, accepted)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+from hydra.utils import get_object
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -101,14 +102,18 @@ MODELS = {"logreg": logreg, "mlp": mlp, "cnn4": cnn4, "vgg11s": vgg11s, "resnet1
 
 
 def build_model(cfg, input_shape: tuple[int, ...], num_classes: int, seed: int) -> nn.Module:
-    """Build the model a ``model`` config group entry describes, initialised from ``seed``."""
+    """Build the model a ``model`` config group entry describes, initialised from ``seed``:
+    ``name`` of the zoo, or ``_target_`` a factory of the user's called as
+    ``factory(input_shape, num_classes, **params)``."""
     params = {k: tuple(v) if isinstance(v, list) else v
-              for k, v in OmegaConf.to_container(cfg).items() if k != "name"}
-    try:
+              for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in ("name", "_target_")}
+    if cfg.get("_target_"):
+        factory = get_object(cfg._target_)
+    elif cfg.name in MODELS:
         factory = MODELS[cfg.name]
-    except KeyError:
-        raise ValueError(f"unknown model {cfg.name!r}; known: {sorted(MODELS)}") from None
-    if len(input_shape) == 1 and cfg.name in ("cnn4", "vgg11s", "resnet18"):
+    else:
+        raise ValueError(f"unknown model {cfg.name!r}; known: {sorted(MODELS)}, or give _target_")
+    if len(input_shape) == 1 and cfg.get("name") in ("cnn4", "vgg11s", "resnet18"):
         raise ValueError(f"model {cfg.name} needs image input, the dataset gives {input_shape}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

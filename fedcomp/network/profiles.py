@@ -2,7 +2,7 @@
 
 A profile is what a client's hardware and network give it: uplink / downlink bandwidth
 (bit/s), one-way latency (s) and training throughput (FLOP/s). Profiles come from the network
-preset (``conf/network/*.yaml``, sources documented there), spread across clients by
+preset (``fedcomp/conf/network/*.yaml``, sources documented there), spread across clients by
 ``heterogeneity``:
 
   ``none``       every client has the preset's profile

@@ -39,6 +39,8 @@ class ClientWork:
     measured_compute_s: float = 0.0
     measured_encode_s: float = 0.0
     measured_decode_s: float = 0.0
+    down_coded: int | None = None  # bytes of the down payload itself (its codec's work), if not all of down_bytes
+    up_coded: int | None = None
 
 
 @dataclass(frozen=True)
@@ -85,11 +87,13 @@ class SystemModel:
         server has the round's shared mask (HGC); ``mask_bytes`` of the downlink are that mask,
         relayed from then on, and the client may compress only once it has it."""
         p = self.profile(work.partition_id, t0)
+        down_coded = (work.down_bytes if work.down_coded is None else work.down_coded) - mask_bytes
+        up_coded = work.up_bytes if work.up_coded is None else work.up_coded
         downloaded = t0 + p.transfer_s(work.down_bytes - mask_bytes, "down") + self.codec_s(
-            work.down_codec, "decode", work.down_bytes - mask_bytes, p.flops, work.measured_decode_s)
+            work.down_codec, "decode", down_coded, p.flops, work.measured_decode_s)
         trained = downloaded + self.compute_s(work, p)
         ready = trained if mask_ready is None else max(trained, mask_ready + p.transfer_s(mask_bytes, "down"))
-        uploaded = ready + self.codec_s(work.up_codec, "encode", work.up_bytes, p.flops, work.measured_encode_s) + p.transfer_s(work.up_bytes, "up")
+        uploaded = ready + self.codec_s(work.up_codec, "encode", up_coded, p.flops, work.measured_encode_s) + p.transfer_s(work.up_bytes, "up")
         return Timeline(downloaded, trained, uploaded)
 
     def server_s(self, codec: str, way: str, nbytes: int) -> float:
