@@ -35,6 +35,13 @@ class RatioController(ABC):
     @abstractmethod
     def ratios(self, server_round: int, clients: list[int], history: History) -> dict[int, float]: ...
 
+    def state(self) -> dict:
+        """What the controller has learnt so far (JSON values; checkpoints)."""
+        return {}
+
+    def load_state(self, state: dict) -> None:
+        pass
+
 
 class Uniform(RatioController):
     """Top-delta: every client the same ratio."""
@@ -94,6 +101,12 @@ class Accordion(RatioController):
         ratio = self.high if self._critical else self.low
         return {c: ratio for c in clients}
 
+    def state(self) -> dict:
+        return {"critical": self._critical}
+
+    def load_state(self, state: dict) -> None:
+        self._critical = bool(state.get("critical", True))
+
 
 class AdapTopK(RatioController):
     """AdapTop-K (002_... Algorithms 1 and 2): (1 + gamma) k outside and (1 - gamma) k inside
@@ -132,3 +145,10 @@ class AdapTopK(RatioController):
         t_hat = math.inf if self.t_hat is None else self.t_hat  # still estimating: first segment
         r = adaptopk_ratio(server_round, self.ratio, self.gamma, t_hat, self.total_rounds)
         return {c: r for c in clients}
+
+    def state(self) -> dict:
+        return {"t_hat": self.t_hat, "fit": list(self.fit) if self.fit is not None else None}
+
+    def load_state(self, state: dict) -> None:
+        self.t_hat = state.get("t_hat", self.t_hat)
+        self.fit = tuple(state["fit"]) if state.get("fit") is not None else None

@@ -45,6 +45,8 @@ class SimulationConfig:
     # integrity_key (hex) or, in simulation, derived from the seed.
     integrity: str = "none"
     integrity_key: Optional[str] = None
+    # End the run cleanly after this round (a checkpoint is written; `fedcomp resume DIR` continues).
+    stop_after_round: Optional[int] = None
     # Injected client faults (fedcomp/fl/faults.py): [{kind, clients: [partition ids], rounds: [..] | null}]
     faults: list[Any] = field(default_factory=list)
 
@@ -310,6 +312,10 @@ def validate(cfg: DictConfig) -> None:
     _require(cfg.seed >= 0, "seed", "must be >= 0", cfg.seed)
     _require(cfg.checkpoint_every >= 0, "checkpoint_every", "must be >= 0", cfg.checkpoint_every)
     _require(set(cfg.loggers) <= {"csv", "tensorboard"}, "loggers", "must list csv and/or tensorboard", list(cfg.loggers))
+    stop = cfg.simulation.get("stop_after_round")
+    _require(stop is None or stop >= 1, "simulation.stop_after_round", "must be >= 1 or null", stop)
+    _require(not (cfg.checkpoint_every or stop) or cfg.simulation.backend == "inline", "checkpoint_every",
+             "checkpoints need simulation.backend=inline (Flower's engines keep client state from the server)", cfg.simulation.backend)
     _require(cfg.eval_every >= 1, "eval_every", "must be >= 1", cfg.eval_every)
     t = cfg.target_accuracy
     _require(t is None or 0 < t <= 1, "target_accuracy", "must be in (0, 1] or null", t)

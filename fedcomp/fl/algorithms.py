@@ -48,6 +48,13 @@ class ClientAlgorithm:
     def server_update(self, extras: list[dict[str, torch.Tensor]], num_clients: int) -> None:
         """Fold in the accepted clients' extras after the round's aggregation."""
 
+    def state(self) -> dict[str, torch.Tensor]:
+        """The server side's tensors (checkpoints)."""
+        return {}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        pass
+
     # -- the wire: every extra an fp32 payload, decoded against the model's length --------------
 
     _codec = build("identity")
@@ -114,6 +121,12 @@ class Scaffold(ClientAlgorithm):
         if self.c.numel() != d:
             self.c = torch.zeros(d)
         return {CONTROL: self.c}
+
+    def state(self):
+        return {"c": self.c}
+
+    def load_state(self, state):
+        self.c = state.get("c", torch.zeros(0))
 
     def server_update(self, extras, num_clients):
         if extras:

@@ -47,6 +47,23 @@ class ClientState(ABC):
     def drop(self, name: str) -> None:
         self.put(name, {})
 
+    @abstractmethod
+    def names(self) -> list[str]:
+        """The tensor groups held."""
+
+    def snapshot(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, int]]:
+        """Every tensor group and number (checkpoints)."""
+        numbers = {name: int(rec["value"]) for name, rec in self.records.items() if isinstance(rec, ConfigRecord) and "value" in rec}
+        return {name: self.get(name) for name in self.names()}, numbers
+
+    def restore(self, groups: dict[str, dict[str, torch.Tensor]], numbers: dict[str, int]) -> None:
+        for name in self.names():
+            self.drop(name)
+        for name, tensors in groups.items():
+            self.put(name, tensors)
+        for name, value in numbers.items():
+            self.set_number(name, value)
+
 
 class RecordState(ClientState):
     """Tensors as ArrayRecords in ``Context.state``: portable across processes and machines."""
@@ -59,6 +76,9 @@ class RecordState(ClientState):
             self.records[name] = ArrayRecord({k: v.detach().cpu() for k, v in tensors.items()})
         else:
             self.records.pop(name, None)
+
+    def names(self) -> list[str]:
+        return [name for name, rec in self.records.items() if isinstance(rec, ArrayRecord)]
 
 
 class ResidentState(ClientState):
@@ -77,6 +97,9 @@ class ResidentState(ClientState):
             self.groups[name] = {k: v.detach().cpu() for k, v in tensors.items()}
         else:
             self.groups.pop(name, None)
+
+    def names(self) -> list[str]:
+        return list(self.groups)
 
 
 class ResidentContext(Context):

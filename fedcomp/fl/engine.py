@@ -101,11 +101,11 @@ class InlineGrid(Grid):
         return list(self.pull_messages(self.push_messages(messages)))
 
 
-def run_inline(cfg: DictConfig, out_dir: str | Path, run_id: int = 1) -> dict[str, Any]:
+def run_inline(cfg: DictConfig, out_dir: str | Path, run_id: int = 1, resume: bool = False) -> dict[str, Any]:
     # Flower's runtimes declare which task this process is before a ServerApp builds Messages.
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = run_id, 1, SERVER_NODE_ID
     grid = InlineGrid(make_client_app(cfg), cfg.simulation.num_clients, run_id=run_id)
-    return run_server(grid, cfg, out_dir)
+    return run_server(grid, cfg, out_dir, resume)
 
 
 def run_ray(cfg: DictConfig, out_dir: str | Path) -> None:

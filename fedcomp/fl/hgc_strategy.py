@@ -126,6 +126,15 @@ class HGCStrategy(CompressedFedAvg):
         self.predictor.reset(self.d)
         self.velocity = torch.zeros(self.d, dtype=torch.float64)
 
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors, meta = super().state_dict()
+        return tensors | {f"predictor.{k}": v for k, v in self.predictor.state().items()} | {"velocity": self.velocity}, meta
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        super().load_state_dict(tensors, meta)
+        self.predictor.load_state({k[10:]: v.clone() for k, v in tensors.items() if k.startswith("predictor.")})
+        self.velocity = tensors["velocity"].clone()
+
     def ratio_at(self, server_round: int, target: float | None = None) -> float:
         """The round's k/d: warm-up towards ``target`` (default ``ratio``), then the LR-step window."""
         r = warmup_ratio(server_round, self.ratio if target is None else target, self.warmup_rounds, self.warmup_start)

@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from fedcomp.compression import build
 from fedcomp.config.plugins import build_target
+from fedcomp.fl.checkpoint import checkpoint_round, load_checkpoint, save_checkpoint
 from fedcomp.fl.client_app import config_from_overrides
 from fedcomp.fl.local import evaluate
 from fedcomp.fl.runtime import Runtime, get_runtime
@@ -49,31 +50,50 @@ def build_strategy(cfg: DictConfig, rt: Runtime) -> Strategy:
     )
 
 
-def run_server(grid: Grid, cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
-    """Run ``cfg.num_rounds`` rounds on ``grid``; write metrics to ``out_dir``; return the summary."""
+def run_server(grid: Grid, cfg: DictConfig, out_dir: str | Path, resume: bool = False) -> dict[str, Any]:
+    """Run ``cfg.num_rounds`` rounds on ``grid``; write metrics to ``out_dir``; return the
+    summary. ``resume``: continue from ``out_dir``'s checkpoint (inline engine)."""
     if not cfg.verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
     _wait_for_nodes(grid, cfg.simulation.num_clients)
     rt = get_runtime(cfg)
     dense = len(build("identity").compress(torch.zeros(rt.layout.numel)))
-    recorder = MetricsRecorder(out_dir, cfg, cfg.target_accuracy, dense_bytes=dense)
+    done = checkpoint_round(out_dir) if resume else 0
+    recorder = MetricsRecorder(out_dir, cfg, cfg.target_accuracy, dense_bytes=dense, resume_after=done)
     recorder.save_partition(rt.partition)
     strategy = build_strategy(cfg, rt)
     eval_model = rt.new_model()
     initial_accuracy, _ = evaluate(eval_model, rt.test, cfg.train.eval_batch_size)
     initial = ArrayRecord({k: v.cpu() for k, v in eval_model.state_dict().items()})
 
-    with RoundProgress(cfg.num_rounds, enabled=cfg.progress) as progress:
+    stop = cfg.simulation.get("stop_after_round")
+
+    with RoundProgress(cfg.num_rounds, enabled=cfg.progress, done=done) as progress:
 
         def on_round(server_round: int) -> None:
             acc = loss = None
-            if server_round == cfg.num_rounds or server_round % cfg.eval_every == 0:
+            if server_round == cfg.num_rounds or server_round % cfg.eval_every == 0 or server_round == stop:
                 eval_model.load_state_dict(strategy.global_state())
                 acc, loss = evaluate(eval_model, rt.test, cfg.train.eval_batch_size)
             progress.update(recorder.record(strategy.rounds[server_round], acc, loss))
+            if (cfg.checkpoint_every and server_round % cfg.checkpoint_every == 0) or server_round == stop:
+                save_checkpoint(out_dir, strategy, grid, server_round)
 
-        strategy.run(grid, initial, cfg.num_rounds, on_round)
-    return recorder.finish(initial_accuracy)
+        restore = (lambda: load_checkpoint(out_dir, strategy, grid)) if resume else None
+        strategy.run(grid, initial, cfg.num_rounds, on_round, first_round=done + 1, restore=restore, stop_after=stop)
+    save_model(strategy, out_dir)
+    if strategy.stop_reason:
+        return recorder.finish(initial_accuracy, "diverged", strategy.stop_reason)
+    if stop is not None and stop < cfg.num_rounds:
+        return recorder.finish(initial_accuracy, "stopped", f"simulation.stop_after_round={stop}; `fedcomp resume {out_dir}` continues")
+    return recorder.finish(initial_accuracy, resumed_from=done)
+
+
+def save_model(strategy, out_dir: str | Path) -> None:
+    """The final global model: model.safetensors (tensors only, nothing executable)."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in strategy.global_state().items()}, str(Path(out_dir) / "model.safetensors"))
 
 
 def _wait_for_nodes(grid: Grid, expected: int, timeout_s: float = 300.0) -> None:

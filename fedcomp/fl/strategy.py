@@ -132,6 +132,7 @@ class CompressedFedAvg(Strategy):
         self._round_failures: list[Failure] = []  # failures found before aggregation (dropouts, lost owners)
         self._setup_overhead = [0, 0]  # control traffic before round 1 (up, down)
         self._round_start = 0.0
+        self.stop_reason: str | None = None  # set when training diverges
         self._in_flight: list = []  # async: (arrival time, seq, Arrival)
         self._seq = 0
 
@@ -182,21 +183,67 @@ class CompressedFedAvg(Strategy):
         """Subclass hook, called once the model layout is known."""
 
     def run(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int, on_round: Callable[[int], None] | None = None,
-            timeout: float = 3600.0) -> None:
+            timeout: float = 3600.0, first_round: int = 1, restore: Callable[[], None] | None = None,
+            stop_after: int | None = None) -> None:
         """fedcomp's round loop: rounds may be skipped or asynchronous and the model is not
-        re-serialised every round. ``on_round(r)`` after each round (evaluation, metrics)."""
+        re-serialised every round. ``on_round(r)`` after each round (evaluation, metrics).
+        Resuming: ``restore()`` loads a checkpoint after set-up and the loop starts at
+        ``first_round``; ``stop_after`` ends the loop early (the run is then resumable)."""
         self.timeout = timeout
         self.setup(grid, initial_arrays)
-        for r in range(1, num_rounds + 1):
+        if restore is not None:
+            restore()
+        last = min(num_rounds, stop_after or num_rounds)
+        for r in range(first_round, last + 1):
             if self.policy.kind == "async":
                 self.async_round(r, grid)
             else:
                 replies = grid.send_and_receive(self.configure_train(r, initial_arrays, ConfigRecord(), grid), timeout=timeout)
                 self.aggregate_train(r, replies)
-            if r == num_rounds:
+            self.stop_reason = self.stop_reason or self.divergence(self.rounds[r])
+            if r == last or self.stop_reason:
                 self._count_in_flight(r)
             if on_round is not None:
                 on_round(r)
+            if self.stop_reason:
+                log.warning("round %d: stopping: %s", r, self.stop_reason)
+                break
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """The server's state between rounds: tensors, and JSON metadata (checkpoints)."""
+        tensors = {"global": self._global, "update_norms": torch.tensor(self.history.update_norms, dtype=torch.float64),
+                   "grad_sq_norms": torch.tensor(self.history.grad_sq_norms, dtype=torch.float64)}
+        if self._pending is not None:
+            tensors["pending"] = torch.frombuffer(bytearray(self._pending), dtype=torch.uint8)
+        tensors |= {f"down.{k}": v for k, v in self.down.state().items()}
+        tensors |= {f"algorithm.{k}": v for k, v in self.algorithm.state().items()}
+        meta = {"version": self._version, "clock": self.clock, "synced": {str(n): v for n, v in self._synced.items()},
+                "controller": self.controller.state() if self.controller is not None else {}}
+        return tensors, meta
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        if self.policy.kind == "async":
+            raise ValueError("asynchronous runs cannot be resumed (clients in flight are not checkpointed)")
+        self._global = tensors["global"].clone()
+        self.history.update_norms = tensors["update_norms"].tolist()
+        self.history.grad_sq_norms = tensors["grad_sq_norms"].tolist()
+        self._pending = bytes(tensors["pending"].numpy()) if "pending" in tensors else None
+        self.down.load_state({k[5:]: v for k, v in tensors.items() if k.startswith("down.")})
+        self.algorithm.load_state({k[10:]: v for k, v in tensors.items() if k.startswith("algorithm.")})
+        self._version, self.clock = meta["version"], meta["clock"]
+        self._synced = {int(n): v for n, v in meta["synced"].items()}
+        if self.controller is not None:
+            self.controller.load_state(meta["controller"])
+
+    def divergence(self, stats: RoundStats) -> str | None:
+        """Why training has diverged, if it has: the model is no longer finite, or every client
+        of a round sent non-finite numbers. A diverged run stops; its metrics are kept."""
+        if not bool(torch.isfinite(self._global).all()):
+            return "the global model has NaN/Inf entries"
+        non_finite = ("NaN", "non-finite")
+        if stats.skipped and stats.failures and all(any(w in f.reason for w in non_finite) for f in stats.failures):
+            return f"every client of round {stats.round} sent non-finite numbers"
+        return None
 
     def _count_in_flight(self, last_round: int) -> None:
         """Async runs end with clients still training: their traffic happened, so it is

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ CSV_COLUMNS = (
 )
 # Accuracies whose first-reach time and bytes summary.json reports (plus target_accuracy).
 DEFAULT_TARGETS = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
+log = logging.getLogger("fedcomp")
 
 
 def _finite_or_none(x: float | None) -> float | None:
@@ -31,7 +33,10 @@ def _finite_or_none(x: float | None) -> float | None:
 
 
 class MetricsRecorder:
-    def __init__(self, out_dir: str | Path, cfg: DictConfig, target_accuracy: float | None = None, dense_bytes: int | None = None) -> None:
+    def __init__(self, out_dir: str | Path, cfg: DictConfig, target_accuracy: float | None = None, dense_bytes: int | None = None,
+                 resume_after: int = 0) -> None:
+        """``resume_after``: keep the records of rounds up to this one from an earlier run in
+        ``out_dir`` and continue after them (a resumed run)."""
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.cfg = cfg
@@ -41,10 +46,22 @@ class MetricsRecorder:
         self.rows: list[dict[str, Any]] = []
         self.t0 = time.perf_counter()
         self.sim_time = 0.0
+        kept = []
+        if resume_after:
+            kept = [json.loads(line) for line in (self.out / "metrics.jsonl").read_text().splitlines()]
+            kept = [r for r in kept if r["round"] <= resume_after]
         self._jsonl = (self.out / "metrics.jsonl").open("w")
-        self._csv_file = (self.out / "metrics.csv").open("w", newline="")
-        self._csv = csv.DictWriter(self._csv_file, fieldnames=CSV_COLUMNS)
-        self._csv.writeheader()
+        loggers = set(cfg.get("loggers", ["csv"]))
+        self._csv_file = (self.out / "metrics.csv").open("w", newline="") if "csv" in loggers else None
+        if self._csv_file is not None:
+            self._csv = csv.DictWriter(self._csv_file, fieldnames=CSV_COLUMNS)
+            self._csv.writeheader()
+        self._tensorboard = _tensorboard(self.out) if "tensorboard" in loggers else None
+        for full in kept:
+            self._write({k: v for k, v in full.items() if k not in ("clients", "failed")}, full)
+        if kept:
+            self.sim_time = kept[-1]["sim_time_s"]
+            self.t0 -= kept[-1]["wall_time_s"]
 
     def save_partition(self, partition: Partition) -> None:
         (self.out / "partition.json").write_text(json.dumps({
@@ -71,14 +88,24 @@ class MetricsRecorder:
             "sim_time_s": self.sim_time,
             "wall_time_s": time.perf_counter() - self.t0,
         }
+        self._write(row, {**row, "clients": stats.per_client(), "failed": stats.failure_list()})
+        log.info("round %d: accuracy %s, train loss %s, up %d B, down %d B, failures %d, sim %.3f s", stats.round,
+                 "-" if accuracy is None else f"{accuracy:.4f}", row["train_loss"], row["bytes_up"], row["bytes_down"],
+                 row["failures"], self.sim_time)
+        return row
+
+    def _write(self, row: dict[str, Any], full: dict[str, Any]) -> None:
         self.rows.append(row)
-        self._csv.writerow(row)
-        self._csv_file.flush()
-        full = {**row, "clients": stats.per_client(), "failed": stats.failure_list()}
         self._client_rows.append(full)
+        if self._csv_file is not None:
+            self._csv.writerow(row)
+            self._csv_file.flush()
+        if self._tensorboard is not None:
+            for key in ("accuracy", "loss", "train_loss", "bytes_up", "bytes_down", "sim_time_s", "failures"):
+                if row[key] is not None:
+                    self._tensorboard.add_scalar(key, row[key], row["round"])
         self._jsonl.write(json.dumps(full, allow_nan=False) + "\n")
         self._jsonl.flush()
-        return row
 
     def reached(self, target: float) -> dict[str, Any] | None:
         """The first evaluated round at or above ``target``, with the time and bytes spent until then."""
@@ -89,13 +116,24 @@ class MetricsRecorder:
                 return {"round": r["round"], "sim_time_s": r["sim_time_s"], "wall_time_s": r["wall_time_s"], "bytes_up": up, "bytes_down": down}
         return None
 
-    def finish(self, initial_accuracy: float | None = None) -> dict[str, Any]:
+    def finish(self, initial_accuracy: float | None = None, status: str = "ok", reason: str | None = None,
+               resumed_from: int = 0) -> dict[str, Any]:
+        """Close the files and write summary.json (``status``: ok, or diverged / stopped with
+        ``reason``; ``resumed_from``: the round a resumed run continued after)."""
         self._jsonl.close()
-        self._csv_file.close()
+        if self._csv_file is not None:
+            self._csv_file.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
         evaluated = [r for r in self.rows if r["accuracy"] is not None]
         best = max(evaluated, key=lambda r: r["accuracy"], default=None)
         targets = sorted(set(DEFAULT_TARGETS) | ({self.target} if self.target is not None else set()))
         summary: dict[str, Any] = {
+            "status": status,
+            **({"reason": reason} if reason else {}),
+            **({"resumed_from": resumed_from} if resumed_from else {}),
+            "name": self.cfg.get("name"),
+            "tags": list(self.cfg.get("tags") or []),
             "config": OmegaConf.to_container(self.cfg, resolve=True),
             "rounds": len(self.rows),
             "initial_accuracy": _finite_or_none(initial_accuracy),
@@ -121,6 +159,25 @@ class MetricsRecorder:
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False))
         plot_accuracy_vs_time(evaluated, self.out / "accuracy_vs_time.png")
         return summary
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise RuntimeError("loggers=[tensorboard] needs the tensorboard package: pip install 'fedcomp[tensorboard]'") from None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def write_failure(out_dir: str | Path, cfg: DictConfig, status: str, reason: str) -> None:
+    """summary.json for a run that could not finish: its status and reason, the config, and
+    the rounds it completed (from metrics.jsonl, if it got that far)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] if (out / "metrics.jsonl").is_file() else []
+    summary = {"status": status, "reason": reason, "name": cfg.get("name"), "tags": list(cfg.get("tags") or []),
+               "config": OmegaConf.to_container(cfg, resolve=False), "rounds": len(rows)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False))
 
 
 def plot_accuracy_vs_time(rows: list[dict[str, Any]], path: Path) -> None:
