@@ -79,3 +79,21 @@ def test_joblib_launcher_runs_cells_in_parallel(tmp_path):
                f"hydra.sweep.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(list(tmp_path.glob("*/summary.json"))) == 2
+
+
+def test_report_tables_and_plots_runs_and_lists_the_unfinished(fast_cfg, tmp_path):
+    from fedcomp.report import main as report
+
+    for compressor in ("none", "topk", "qsgd"):
+        run_inline(fast_cfg("num_rounds=2", f"compressor={compressor}"), tmp_path / "runs" / compressor)
+    run_inline(fast_cfg("num_rounds=4", "simulation.stop_after_round=1"), tmp_path / "runs" / "stopped")
+    assert report([str(tmp_path / "runs"), "--out", str(tmp_path / "rep"), "--target", "0.2", "--html"]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert md.startswith("# 3 runs (1 not finished)") and "stopped: simulation.stop_after_round=1" in md
+    lines = (tmp_path / "rep" / "report.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    assert len(lines) == 4 and "compressor.up.name" in header and "MB_up_to_0.2" in header
+    by_name = {line.split(",")[header.index("compressor.up.name")]: line.split(",") for line in lines[1:]}
+    up = header.index("MB_up")
+    assert float(by_name["topk"][up]) < float(by_name["qsgd"][up]) < float(by_name["identity"][up])
+    assert (tmp_path / "rep" / "report.png").stat().st_size > 10_000 and (tmp_path / "rep" / "report.html").stat().st_size > 10_000
