@@ -3,6 +3,7 @@
     fedcomp [overrides] [-m sweep overrides]   run (or sweep) experiments
     fedcomp resume RUN_DIR [overrides]         continue an interrupted run from its checkpoint
     fedcomp report DIR... [--out DIR] [--html] one table and plots over finished runs
+    fedcomp flwr [overrides] [-- flwr args]    the same run under Flower's `flwr run .`
 
 Every run ends with a ``summary.json`` whose ``status`` is ``ok``, ``diverged`` (stopped
 cleanly, metrics kept) or ``failed`` (with the reason). In a sweep a failed cell is recorded
@@ -91,12 +92,16 @@ class SweepStatus(Callback):
 
 def main() -> None:
     importable_cwd()
-    if len(sys.argv) > 1 and sys.argv[1] in ("resume", "report"):
+    if len(sys.argv) > 1 and sys.argv[1] in ("resume", "report", "flwr"):
         command, args = sys.argv[1], sys.argv[2:]
         if command == "report":
             from fedcomp.report import main as report
 
             sys.exit(report(args))
+        if command == "flwr":
+            from fedcomp.flwr_cli import main as flwr
+
+            sys.exit(flwr(args))
         from fedcomp.fl.checkpoint import resume
 
         sys.exit(resume(args))

@@ -146,31 +146,6 @@ def test_custom_strategy_plugs_in_by_target(fast_cfg, tmp_path):
     assert base["final_accuracy"] != base["initial_accuracy"]
 
 
-@pytest.mark.slow
-def test_flwr_run_gives_the_same_run_as_inline(tmp_path):
-    """`flwr run .` (Flower's own runtime, local SuperLink, app env installed by uv) runs the
-    module-level apps; the result must equal the inline engine's for the same overrides."""
-    import os
-    import shutil
-    from pathlib import Path
-
-    from fedcomp.config import compose_config
-
-    root = Path(__file__).parents[1]
-    overrides = ("dataset=synthetic simulation.num_clients=2 num_rounds=3 progress=false compressor=topk "
-                 "train.optimizer_state=persistent train.momentum=0.9")
-    flwr = shutil.which("flwr", path=str(Path(sys.executable).parent))
-    proc = subprocess.run(
-        [flwr, "run", ".", "--stream", "--run-config", f'overrides="{overrides}" output-dir="{tmp_path / "flwr"}"'],
-        cwd=root, capture_output=True, text=True, timeout=900, env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    flwr_summary = json.loads((tmp_path / "flwr" / "summary.json").read_text())
-    inline_summary = run_inline(compose_config(overrides), tmp_path / "inline")
-    assert flwr_summary["total_bytes_up"] == inline_summary["total_bytes_up"]
-    assert flwr_summary["final_accuracy"] == pytest.approx(inline_summary["final_accuracy"], abs=1e-6)
-
-
 def run_tapped(cfg, out):
     from flwr.supercore.task_identity import TaskIdentity
 

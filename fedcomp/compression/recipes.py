@@ -76,11 +76,15 @@ class Recipe(Compressor):
         return out.reshape(frame.shape).to(frame.dtype)
 
 
+def budget_args(ratio: float | None, k: int | None) -> dict:
+    """A sparsifier's budget: an absolute ``k`` when given (it wins over ``ratio``, so a
+    config may set ``k: 1000`` beside its default ratio), else ``ratio`` (default 1%)."""
+    return {"ratio": None, "k": k} if k is not None else {"ratio": 0.01 if ratio is None else ratio, "k": None}
+
+
 def _sparse_recipe(name: str, selector_cls, values_factory, doc: str):
     def __init__(self, ratio: float | None = None, k: int | None = None, seed: int = 0) -> None:
-        if ratio is None and k is None:
-            ratio = 0.01
-        Recipe.__init__(self, selector_cls(ratio=ratio, k=k), values_factory(), seed)
+        Recipe.__init__(self, selector_cls(**budget_args(ratio, k)), values_factory(), seed)
 
     cls = type(name, (Recipe,), {"__init__": __init__, "__doc__": doc})
     return cls
@@ -96,7 +100,7 @@ class SQCompressor(Recipe):
     """Sparsification + quantization, CAT Eq. 3: top-T positions, each sent as ||g||_2 sign(g_j)."""
 
     def __init__(self, ratio: float | None = None, k: int | None = None, deflate: bool = False) -> None:
-        super().__init__(TopK(ratio=0.01 if ratio is None and k is None else ratio, k=k), ScaledSign("full_l2", deflate))
+        super().__init__(TopK(**budget_args(ratio, k)), ScaledSign("full_l2", deflate))
 STCCompressor = register("stc")(_sparse_recipe(
     "STCCompressor", TopK, lambda: ScaledSign("mean_abs"),
     "Sparse ternary compression (Sattler et al. 2020): top-k positions, each mu sign(x_j) with mu "

@@ -112,7 +112,8 @@ def make_server_app(cfg: DictConfig | None = None, out_dir: str | Path | None = 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         run_cfg = cfg if cfg is not None else config_from_overrides(str(context.run_config.get("overrides", "")))
-        where = out_dir if out_dir is not None else context.run_config.get("output-dir", "outputs/flwr")
+        # under `flwr run` every run gets its own directory, named by Flower's run id
+        where = out_dir if out_dir is not None else Path(str(context.run_config.get("output-dir", "outputs/flwr"))) / str(context.run_id)
         run_server(grid, run_cfg, where)
 
     return app

@@ -1,0 +1,51 @@
+"""Error feedback: the part a compressor dropped is added back before the next compression.
+
+    e_0 = 0;  p_t = C(x_t + e_t);  e_{t+1} = x_t + e_t - D(p_t)
+
+(Seide et al. 2014; Karimireddy et al. 2019). A wrapper around any compressor, usable on the
+client (uplink) and on the server (downlink); the residual is its state.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedcomp.compression.base import Compressor
+
+
+class ErrorFeedback(Compressor):
+    def __init__(self, inner: Compressor) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.residual = torch.zeros(0)
+
+    def compress(self, x: torch.Tensor) -> bytes:
+        flat = x.detach().reshape(-1).float()
+        if self.residual.numel() != flat.numel():
+            self.residual = torch.zeros_like(flat)
+        corrected = flat + self.residual
+        payload = self.inner.compress(corrected.reshape(x.shape).to(x.dtype))
+        self.residual = corrected - self.inner.decompress(payload).reshape(-1).float()
+        return payload
+
+    def decompress(self, payload: bytes, shape: tuple[int, ...] | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.inner.decompress(payload, shape, dtype)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"residual": self.residual, **{f"inner.{k}": v for k, v in self.inner.state().items()}}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.residual = state.get("residual", torch.zeros(0))
+        self.inner.load_state({k[6:]: v for k, v in state.items() if k.startswith("inner.")})
+
+    def reseed(self, seed: int) -> None:
+        self.inner.reseed(seed)
+
+    def set_round(self, server_round: int) -> None:
+        self.inner.set_round(server_round)
+
+    def set_ratio(self, ratio: float) -> None:
+        self.inner.set_ratio(ratio)
+
+    def take_momentum(self, momentum: float) -> bool:
+        return self.inner.take_momentum(momentum)

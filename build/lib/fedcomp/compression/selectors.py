@@ -1,0 +1,114 @@
+"""Sparsifiers: which coordinates of a flat vector are sent, and with which values.
+
+Each selector maps a flat float32 vector to (sorted int64 indices, values at those indices).
+Most send the original values; stochastic sparsification sends g_j / p_j to stay unbiased.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def budget(d: int, ratio: float | None, k: int | None) -> int:
+    """Number of coordinates to keep: ``k`` if given, else ``ratio`` x d rounded (>= 1 when
+    d > 0 and ratio > 0), never more than d."""
+    if (ratio is None) == (k is None):
+        raise ValueError("give exactly one of ratio (fraction of d) or k (absolute count)")
+    if k is not None:
+        if k < 0:
+            raise ValueError(f"k must be >= 0, got {k}")
+        return min(int(k), d)
+    if not 0 <= ratio <= 1:
+        raise ValueError(f"ratio must be in [0, 1], got {ratio}")
+    return min(d, max(1 if ratio > 0 and d else 0, int(round(ratio * d))))
+
+
+class TopK:
+    """The k largest magnitudes (ties broken by torch.topk)."""
+
+    def __init__(self, ratio: float | None = None, k: int | None = None) -> None:
+        budget(1, ratio, k)
+        self.ratio, self.k = ratio, k
+
+    def select(self, x: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        k = budget(x.numel(), self.ratio, self.k)
+        if k == x.numel():
+            idx = torch.arange(k)
+        else:
+            idx = torch.topk(x.abs(), k, sorted=False).indices.sort().values
+        return idx, x[idx]
+
+
+class RandomK:
+    """k coordinates drawn uniformly without replacement (values unscaled, as in Dutta et al.)."""
+
+    def __init__(self, ratio: float | None = None, k: int | None = None) -> None:
+        budget(1, ratio, k)
+        self.ratio, self.k = ratio, k
+
+    def select(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        d = x.numel()
+        k = budget(d, self.ratio, self.k)
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        picked = np.random.default_rng(seed).choice(d, size=k, replace=False) if k else np.zeros(0, np.int64)
+        idx = torch.from_numpy(np.sort(picked).astype(np.int64))
+        return idx, x[idx]
+
+
+class Threshold:
+    """Every coordinate with |x_j| >= v (Dutta et al.'s Threshold-v)."""
+
+    def __init__(self, v: float = 1e-3) -> None:
+        if v < 0:
+            raise ValueError(f"threshold v must be >= 0, got {v}")
+        self.v = v
+
+    def select(self, x: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.nonzero(x.abs() >= self.v).reshape(-1)
+        return idx, x[idx]
+
+
+def optimal_probabilities(g: torch.Tensor, budget_t: float) -> torch.Tensor:
+    """p* of CAT App. F (Wangni et al.'s water-filling): minimise sum_j g_j^2 / p_j subject to
+    sum_j p_j = T and 0 <= p_j <= 1. The n_s largest magnitudes get p = 1; the rest
+    p_j = |g_j| (T - n_s) / sum_{i > n_s} |g_i|, with n_s the smallest count that keeps every
+    p_j <= 1. Zero coordinates get p = 0."""
+    a = g.abs().double()
+    nnz = int((a > 0).sum())
+    if budget_t >= nnz:
+        return (a > 0).double()
+    order = torch.argsort(a, descending=True)
+    s = a[order]
+    tail = torch.flip(torch.cumsum(torch.flip(s, [0]), 0), [0])  # tail[m] = sum_{i >= m} s_i
+    m = torch.arange(len(s), dtype=torch.float64)
+    ok = s * (budget_t - m) <= tail  # largest remaining entry fits under 1 once m are saturated
+    n_s = int(torch.nonzero(ok)[0]) if bool(ok.any()) else len(s)
+    p_sorted = torch.ones_like(s)
+    if n_s < len(s):
+        p_sorted[n_s:] = torch.clamp(s[n_s:] * (budget_t - n_s) / tail[n_s], max=1.0)
+    p = torch.empty_like(p_sorted)
+    p[order] = p_sorted
+    return p
+
+
+class Stochastic:
+    """Stochastic sparsification, CAT Eq. 4: keep j with probability p*_j (App. F, sum = T
+    on average) and send g_j / p*_j, an unbiased estimate of g."""
+
+    def __init__(self, ratio: float | None = None, k: int | None = None) -> None:
+        budget(1, ratio, k)
+        self.ratio, self.k = ratio, k
+
+    def select(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        p = optimal_probabilities(x, budget(x.numel(), self.ratio, self.k))
+        keep = torch.rand(x.numel(), generator=generator, dtype=torch.float64) < p
+        idx = torch.nonzero(keep).reshape(-1)
+        return idx, (x[idx].double() / p[idx]).float()
+
+
+class Dense:
+    """Every coordinate (for quantizers applied to the whole vector)."""
+
+    def select(self, x: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.arange(x.numel()), x

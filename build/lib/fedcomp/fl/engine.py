@@ -1,0 +1,143 @@
+"""Engines that run the ServerApp against the ClientApp.
+
+``inline`` (default): ``InlineGrid`` is a Flower ``Grid`` that hands each Message straight to
+the ClientApp in this process, one node after another, with a persistent ``Context`` per node
+(a ``ResidentContext``: client tensors stay in memory as they are, see ``client_state``).
+The apps, the strategy and every Message are the same as under Flower's engines; what goes is
+the process/actor hop, which costs more than the local training of a small model.
+
+``ray``: Flower's simulation engine (``flwr.simulation.run_simulation``), one Ray actor per
+``simulation.client_cpus``. Use it when clients need isolation or several GPUs.
+
+Users scaling past one machine run the same apps with ``flwr run`` (see README).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+from omegaconf import DictConfig
+
+from fedcomp.fl.client_app import make_client_app
+from fedcomp.fl.client_state import ResidentContext
+from fedcomp.fl.server_app import make_server_app, run_server
+
+SERVER_NODE_ID = 1  # Flower's SUPERLINK_NODE_ID
+log = logging.getLogger("fedcomp")
+
+
+class InlineGrid(Grid):
+    """A Grid whose nodes are ClientApp calls in this process."""
+
+    def __init__(
+        self, client_app: ClientApp, num_nodes: int, run_config: dict[str, Any] | None = None, run_id: int = 1,
+        resident: bool = True,
+    ) -> None:
+        """``resident=False`` keeps client tensors as ArrayRecords, as Flower's engines must."""
+        self._app = client_app
+        self._run_id = run_id
+        context = ResidentContext if resident else Context
+        # Node ids start above the server's id, as Flower's are distinct from it.
+        self._contexts = {
+            SERVER_NODE_ID + 1 + i: context(
+                run_id=run_id,
+                node_id=SERVER_NODE_ID + 1 + i,
+                node_config={"partition-id": i, "num-partitions": num_nodes},
+                state=RecordDict(),
+                run_config=dict(run_config or {}),
+            )
+            for i in range(num_nodes)
+        }
+        self._replies: dict[str, Message] = {}
+        self._run = None
+
+    def set_run(self, run) -> None:
+        self._run = run
+
+    @property
+    def run(self):
+        return self._run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self._contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for msg in messages:
+            if msg.metadata.dst_node_id not in self._contexts:
+                raise ValueError(f"no node {msg.metadata.dst_node_id}")
+            # The id a SuperLink would assign (Flower's InMemoryGrid does the same).
+            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            self._replies[msg.metadata.message_id] = self._call(msg)
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def _call(self, msg: Message) -> Message:
+        """The ClientApp's reply; an exception becomes an error reply, as under Flower's
+        engines (the strategy drops that client for the round), its traceback logged."""
+        try:
+            return self._app(msg, self._contexts[msg.metadata.dst_node_id])
+        except Exception as exc:  # noqa: BLE001 -- any client failure is that client's, not the run's
+            log.warning("client on node %d raised %s: %s", msg.metadata.dst_node_id, type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+            return Message(error=Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self._replies.pop(i) for i in message_ids if i in self._replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return list(self.pull_messages(self.push_messages(messages)))
+
+
+def run_inline(cfg: DictConfig, out_dir: str | Path, run_id: int = 1, resume: bool = False) -> dict[str, Any]:
+    # Flower's runtimes declare which task this process is before a ServerApp builds Messages.
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = run_id, 1, SERVER_NODE_ID
+    grid = InlineGrid(make_client_app(cfg), cfg.simulation.num_clients, run_id=run_id)
+    return run_server(grid, cfg, out_dir, resume)
+
+
+def run_ray(cfg: DictConfig, out_dir: str | Path) -> None:
+    from flwr.simulation import run_simulation
+
+    backend_config = {
+        "client_resources": {"num_cpus": cfg.simulation.client_cpus, "num_gpus": cfg.simulation.client_gpus},
+        "init_args": {"log_to_driver": bool(cfg.verbose), "logging_level": logging.INFO if cfg.verbose else logging.ERROR},
+    }
+    if not cfg.verbose:
+        # run_simulation's own deprecation notice and the SuperLink's database set-up logs.
+        logging.getLogger("flwr").setLevel(logging.ERROR)
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run_simulation(
+            server_app=make_server_app(cfg, out_dir),
+            client_app=make_client_app(cfg),
+            num_supernodes=cfg.simulation.num_clients,
+            backend_config=backend_config,
+            verbose_logging=bool(cfg.verbose),
+        )
+
+
+def run_experiment(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
+    """Run with the configured backend; return the summary written to ``out_dir``."""
+    if cfg.simulation.backend == "ray":
+        import json
+
+        run_ray(cfg, out_dir)
+        summary_path = Path(out_dir) / "summary.json"
+        if not summary_path.is_file():
+            raise RuntimeError(f"the Ray simulation ended without writing {summary_path}; rerun with verbose=true")
+        return json.loads(summary_path.read_text())
+    return run_inline(cfg, out_dir)

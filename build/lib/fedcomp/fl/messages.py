@@ -1,0 +1,56 @@
+"""Names of the records fedcomp puts in Flower Messages and Contexts, and how big a message's
+non-payload part is.
+
+Model state never travels as a Flower ArrayRecord: each direction carries one compressed
+payload (raw bytes in a ConfigRecord), so the bytes counted are the bytes a real link moves.
+"""
+
+from flwr.app import ConfigRecord, RecordDict
+from flwr.common.serde import recorddict_to_proto
+
+DOWN = "fedcomp.down"  # ConfigRecord {"payload": bytes, "kind": str, "version": int}: server -> client
+UP = "fedcomp.up"  # ConfigRecord {"payload": bytes}: client -> server
+PAYLOAD = "payload"
+TAG = "tag"  # HMAC-SHA256 of the payload (simulation.integrity: hmac)
+KIND = "kind"
+VERSION = "version"
+CONFIG = "config"  # ConfigRecord: round number and local-training settings
+LOST = "fedcomp.lost"  # an injected lost message (fl/faults.py): the server treats it as no reply
+METRICS = "metrics"  # MetricRecord: num-examples, train-loss, compute-s, partition-id, grad-sq-norm
+
+# Round-config keys (CONFIG) the server sets.
+ROUND = "server-round"
+LR = "lr"
+MOMENTUM = "momentum"  # the clients' local SGD momentum this round
+RATIO = "ratio"  # a ratio controller's sparsification ratio for this client
+RESETS = "resets"  # how many state resets (HGC Sec. 3.2) the server has ordered so far
+
+# Downlink payload kinds.
+MODEL = "model"  # the global model, coded by the downlink compressor (downlink: model)
+FULL = "full"  # the global model in fp32, to (re)synchronise a client's replica (downlink: update)
+DELTA = "delta"  # the last global update, coded by the downlink compressor (downlink: update)
+
+# Client state (fedcomp.fl.client_state): tensor groups, and numbers.
+UP_STATE = "fedcomp.up.state"  # the uplink compressor's state (error feedback, ...)
+ALGO_STATE = "fedcomp.algorithm"  # a client algorithm's own state (SCAFFOLD's c_i)
+OPT_STATE = "fedcomp.optimizer"  # local SGD momentum buffers (train.optimizer_state: persistent)
+RESETS_SEEN = "fedcomp.resets"  # number: the last reset this client applied
+REPLICA = "fedcomp.replica"  # {"w": flat model}: the client's copy (downlink: update)
+REPLICA_VERSION = "fedcomp.replica.version"  # number: the version the replica holds
+
+# HGC (fl/hgc_strategy.py, fl/hgc_client.py).
+EXTRA = "fedcomp.extra"  # ConfigRecord {name: fp32 payload}: a client algorithm's extra tensors (both ways)
+HGC = "fedcomp.hgc"  # ConfigRecord: the round's HGC instructions and downlink
+HGC_STATE = "fedcomp.hgc.state"  # client tensors: u, v, velocity, mask (EF memory is in UP_STATE)
+
+
+def overhead_bytes(content: RecordDict) -> int:
+    """Serialised size (Flower's protobuf) of a message's content with every bytes value --
+    payloads, masks, tags, counted as payload -- left empty: the config, metrics and framing
+    a link carries on top of the payload (the payloads' own length prefixes, a few bytes each,
+    grow with the payload and are not included)."""
+    stripped = RecordDict({
+        name: ConfigRecord({k: b"" if isinstance(v, bytes) else v for k, v in rec.items()}) if isinstance(rec, ConfigRecord) else rec
+        for name, rec in content.items()
+    })
+    return recorddict_to_proto(stripped).ByteSize()

@@ -1,0 +1,138 @@
+"""Everything a process derives from the config once: data, partition, model, compressors.
+
+Server and clients build the same ``Runtime`` from the same config, so the partition (a pure
+function of the seed) and the model layout agree without being sent. One instance per config
+per process is cached: Ray actors and the inline engine reuse it across rounds and clients.
+Datasets and models live on ``train.device``; model vectors that cross the wire stay on CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property, lru_cache
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from fedcomp.compression import Compressor, build
+from fedcomp.config import ConfigError
+from fedcomp.config.plugins import build_target
+from fedcomp.data import TensorData, load_dataset
+from fedcomp.fl.algorithms import ClientAlgorithm
+from fedcomp.models import StateLayout, build_model
+from fedcomp.network.compute import training_flops_per_sample
+from fedcomp.partition import Partition, make_partition
+from fedcomp.wire import Seal
+
+
+@dataclass
+class Runtime:
+    cfg: DictConfig
+    train: TensorData
+    test: TensorData
+    partition: Partition
+    model: torch.nn.Module  # scratch model, reused for every local training run
+    layout: StateLayout
+    _compressors: dict[str, Compressor] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return self.train.x.device
+
+    def new_model(self) -> torch.nn.Module:
+        model = build_model(self.cfg.model, self.train.input_shape, self.train.num_classes, self.cfg.seed)
+        return model.to(self.device)
+
+    def client_indices(self, partition_id: int) -> torch.Tensor:
+        return torch.from_numpy(self.partition.indices[partition_id])
+
+    def flat_model(self) -> torch.Tensor:
+        """The scratch model's parameters as one CPU vector (what compressors and the wire see)."""
+        return self.layout.flatten(self.model).cpu()
+
+    @cached_property
+    def local_training(self) -> dict:
+        """Keyword arguments of ``train_local`` from ``cfg.train``, as plain Python values."""
+        t = self.cfg.train
+        return dict(epochs=t.epochs, steps=t.steps, batch_size=t.batch_size, lr=t.lr,
+                    momentum=t.momentum, weight_decay=t.weight_decay)
+
+    def compressor(self, direction: str) -> Compressor:
+        """The process's compressor for ``direction`` ("up" or "down"), built once. Per-client
+        state is not kept here but loaded from and saved to each client's Context."""
+        if direction not in self._compressors:
+            self._compressors[direction] = build_target(self.cfg.compressor[direction], sizes=self.layout.sizes)
+        return self._compressors[direction]
+
+    @cached_property
+    def training_flops(self) -> float:
+        """Training FLOPs per sample of this model (counted once; the simulated compute)."""
+        return training_flops_per_sample(self.model, self.train.input_shape, self.train.num_classes)
+
+    @cached_property
+    def algorithm(self) -> ClientAlgorithm:
+        """The client algorithm (``client=...``): plain local SGD unless configured."""
+        node = self.cfg.get("client")
+        return build_target(node) if node is not None and node.get("_target_") else ClientAlgorithm()
+
+    @cached_property
+    def seal(self) -> Seal | None:
+        """The run's payload seal (``simulation.integrity: hmac``), the same on every party."""
+        sim = self.cfg.simulation
+        return Seal.for_run(self.cfg.seed, sim.get("integrity_key")) if sim.get("integrity", "none") == "hmac" else None
+
+    @cached_property
+    def full_codec(self) -> Compressor:
+        """fp32 codec for full-model (re)synchronisation under ``downlink: update``."""
+        return build("identity")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``train.device`` as a torch device; ``auto`` picks CUDA when it is usable."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"train.device: {name} requested but torch sees no CUDA device (got {name!r})")
+        index = torch.device(name).index or 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"train.device: only {torch.cuda.device_count()} CUDA device(s) (got {name!r})")
+    return torch.device(name)
+
+
+def _on(data: TensorData, device: torch.device) -> TensorData:
+    return TensorData(data.x.to(device), data.y.to(device), data.num_classes)
+
+
+def _warm_up(model: torch.nn.Module, data: TensorData) -> None:
+    """One forward/backward pass and an optimizer, so one-off set-up (the first optimizer
+    imports torch's compiler stack, ~3 s) is not counted as the first client's compute time."""
+    torch.nn.functional.cross_entropy(model(data.x[:2]), data.y[:2]).backward()
+    torch.optim.SGD(model.parameters(), lr=0.0)
+    model.zero_grad(set_to_none=True)
+
+
+@lru_cache(maxsize=2)
+def _runtime(cfg_yaml: str) -> Runtime:
+    cfg = OmegaConf.create(cfg_yaml)
+    device = resolve_device(cfg.train.device)
+    train, test = load_dataset(cfg.dataset)
+    partition = make_partition(cfg.partition, train.y.numpy(), train.num_classes, cfg.simulation.num_clients, cfg.seed)
+    train, test = _on(train, device), _on(test, device)
+    model = build_model(cfg.model, train.input_shape, train.num_classes, cfg.seed).to(device)
+    _warm_up(model, train)
+    return Runtime(cfg, train, test, partition, model, StateLayout.of(model))
+
+
+_BY_ID: dict[int, tuple[DictConfig, Runtime]] = {}
+
+
+def get_runtime(cfg: DictConfig) -> Runtime:
+    """The runtime for ``cfg``. Configs are treated as immutable once composed; a lookup by
+    identity first skips re-serialising the config on every client call."""
+    hit = _BY_ID.get(id(cfg))
+    if hit is None or hit[0] is not cfg:
+        if len(_BY_ID) > 16:
+            _BY_ID.clear()
+        hit = _BY_ID[id(cfg)] = (cfg, _runtime(OmegaConf.to_yaml(cfg, resolve=True)))
+    return hit[1]
