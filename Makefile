@@ -9,10 +9,12 @@ PYTEST    ?= -q
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Bytecode is compiled at install: where PYTHONDONTWRITEBYTECODE is set (as on these machines)
+# Python would otherwise recompile torch and flwr on every start, ~half of a run's start-up.
+$(STAMP): pyproject.toml Makefile
 	@python3 -m uv --version >/dev/null 2>&1 || command -v uv >/dev/null 2>&1 || python3 -m pip install --quiet uv
 	$(UV) venv --quiet --allow-existing --python python3 $(VENV)
-	$(UV) pip install --quiet --python $(VENV)/bin/python -e ".[dev]"
+	$(UV) pip install --quiet --compile-bytecode --python $(VENV)/bin/python -e ".[dev]"
 	@touch $@
 
 # Real FashionMNIST from Debian's dataset-fashion-mnist package, when apt can install it.

@@ -10,7 +10,7 @@ from fedcomp.fl import messages as M
 from fedcomp.fl.client_round import apply_resets
 from fedcomp.fl.client_state import ResidentContext, client_state
 from fedcomp.fl.engine import run_inline
-from fedcomp.fl.local import train_local
+from fedcomp.fl.local import LocalSGD, train_local
 from fedcomp.fl.schedule import TrainSchedule
 
 
@@ -19,6 +19,29 @@ def small_problem():
     x, y = torch.randn(64, 5, generator=g), torch.randint(0, 3, (64,), generator=g)
     torch.manual_seed(0)
     return torch.nn.Linear(5, 3), x, y
+
+
+@pytest.mark.parametrize("momentum,weight_decay", [(0.0, 0.0), (0.9, 0.0), (0.9, 5e-4), (0.0, 1e-3)])
+def test_local_sgd_is_torch_sgd_bit_for_bit(momentum, weight_decay):
+    """The hand-written step (which spares every process the torch._dynamo import) equals
+    torch.optim.SGD exactly, over several steps and a frozen parameter without a gradient."""
+    torch.manual_seed(0)
+    ref = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    ours = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    ours.load_state_dict(ref.state_dict())
+    for model in (ref, ours):
+        model[2].bias.requires_grad_(False)
+    torch_opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=momentum, weight_decay=weight_decay)
+    opt = LocalSGD(list(ours.parameters()), lr=0.05, momentum=momentum, weight_decay=weight_decay)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        x, y = torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
+        for model, o in ((ref, torch_opt), (ours, opt)):
+            o.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            o.step()
+        for p, q in zip(ref.parameters(), ours.parameters()):
+            assert torch.equal(p, q)
 
 
 def test_persistent_buffers_continue_the_same_sgd_as_one_long_run():

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from fedcomp.config import compose_config
 from fedcomp.fl.rounds import RoundPolicy
@@ -84,6 +85,22 @@ def test_training_flops_are_counted_once_per_model():
     flops = training_flops_per_sample(mlp, (1, 12, 12), 10)
     assert flops == pytest.approx(2 * (144 * 16 + 16 * 10) * 3 - 2 * 144 * 16, rel=0.01)
     assert all(p.grad is None for p in mlp.parameters())  # counted on a copy
+
+
+@pytest.mark.parametrize("name", ["cnn4", "vgg11s"])
+def test_flop_count_equals_torch_flop_counter(name):
+    """The counter (which spares start-up the torch._dynamo import) counts what PyTorch's
+    FlopCounterMode counts, batch-norm and pooling included."""
+    from omegaconf import OmegaConf
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fedcomp.models import build_model
+
+    model = build_model(OmegaConf.create({"name": name}), (1, 28, 28), 10, 0)
+    x, y = torch.zeros(8, 1, 28, 28), torch.zeros(8, dtype=torch.long)
+    with FlopCounterMode(display=False) as counter:
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+    assert training_flops_per_sample(model, (1, 28, 28), 10) == counter.get_total_flops() / 8
 
 
 def test_presets_cite_their_numbers_and_spread_lognormally():

@@ -98,6 +98,17 @@ def test_synthetic_smoke_run_from_cli(tmp_path):
     assert len(read_jsonl(tmp_path / "metrics.jsonl")) == 2
 
 
+def test_a_run_does_not_import_the_compiler_stack_or_scipy(tmp_path):
+    """Start-up: torch._dynamo (first use of torch.optim or of FlopCounterMode) and
+    scipy.optimize cost seconds per run and per sweep cell; neither is needed by a plain run."""
+    script = ("import sys; sys.argv = ['fedcomp', 'dataset=synthetic', 'simulation.num_clients=2', 'num_rounds=1', "
+              f"'hydra.run.dir={tmp_path}']\nfrom fedcomp.cli import main\ntry:\n    main()\nexcept SystemExit:\n    pass\n"
+              "print(sorted(m for m in ('torch._dynamo', 'scipy.optimize') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_multirun_sweep_gives_each_job_its_own_dir(tmp_path):
     proc = fedcomp_cli(
         "-m", "dataset=synthetic", "model=logreg", "simulation.num_clients=3", "num_rounds=1", "progress=false",

@@ -15,7 +15,6 @@ mean ratio 1% Algorithm 2 gives Phi = 112.4, uniform ratios give 100).
 from __future__ import annotations
 
 import numpy as np
-from scipy.optimize import minimize_scalar
 
 
 def dagc_phi(weights: np.ndarray, deltas: np.ndarray) -> float:
@@ -60,6 +59,8 @@ def _exact_sorted(p: np.ndarray, budget: float, fixed: float = 0.0) -> np.ndarra
     """Minimise (fixed + sum_i p_i / sqrt(d_i)) / sqrt(min d) s.t. sum d = budget, on weights
     sorted in descending order. At the optimum the m smallest workers share t = min d and the
     others follow Lemma 4 (d_i proportional to p_i^(2/3)); search m, then t on its interval."""
+    from scipy.optimize import minimize_scalar  # scipy.optimize takes ~1 s to import; only this needs it
+
     n = len(p)
     q = p ** (2 / 3)
     best_phi, best = np.inf, None

@@ -31,6 +31,40 @@ def mean_gradient_sq_norm(update: torch.Tensor, n: int, training: dict) -> float
     return float(update.square().sum()) / (training["lr"] * steps) ** 2
 
 
+class LocalSGD:
+    """SGD with momentum and weight decay (no dampening, no Nesterov): the arithmetic of
+    ``torch.optim.SGD``'s single-tensor path, step for step and bit for bit (tested), written
+    out because constructing any ``torch.optim`` optimizer first imports torch's compiler stack
+    (torch._dynamo), several seconds of start-up for every run and every worker process.
+
+    ``buffers[i]`` is parameter i's momentum buffer, None until its first step (then a copy of
+    the first step's direction, as PyTorch initialises it)."""
+
+    def __init__(self, params: list[nn.Parameter], *, lr: float, momentum: float, weight_decay: float,
+                 buffers: list[torch.Tensor | None] | None = None) -> None:
+        self.params, self.lr, self.momentum, self.weight_decay = params, lr, momentum, weight_decay
+        self.buffers = list(buffers) if buffers is not None else [None] * len(params)
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for i, p in enumerate(self.params):
+            if p.grad is None:
+                continue
+            d = p.grad if self.weight_decay == 0 else p.grad.add(p, alpha=self.weight_decay)
+            if self.momentum != 0:
+                buf = self.buffers[i]
+                if buf is None:
+                    buf = self.buffers[i] = torch.clone(d).detach()
+                else:
+                    buf.mul_(self.momentum).add_(d)
+                d = buf
+            p.add_(d, alpha=-self.lr)
+
+
 def train_local(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, *, epochs: int,
     steps: int | None, batch_size: int, lr: float, momentum: float, weight_decay: float,
@@ -48,12 +82,11 @@ def train_local(
     ``grad_hook(model)`` runs after each backward pass, before the step (a client algorithm's
     gradient correction: FedProx, SCAFFOLD). Returns the mean training loss."""
     model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    named = list(model.named_parameters())
     carried = momentum_buffers is not None and momentum > 0
-    if carried:
-        for name, p in model.named_parameters():
-            if name in momentum_buffers:
-                opt.state[p]["momentum_buffer"] = momentum_buffers[name].to(p.device, copy=True)
+    held = [momentum_buffers.get(name) if carried else None for name, _ in named]
+    opt = LocalSGD([p for _, p in named], lr=lr, momentum=momentum, weight_decay=weight_decay,
+                   buffers=[None if b is None else b.to(p.device, copy=True) for b, (_, p) in zip(held, named)])
     n = len(indices)
     total = local_steps(n, epochs=epochs, steps=steps, batch_size=batch_size)
     loss_sum, done = torch.zeros((), device=x.device), 0
@@ -63,7 +96,7 @@ def train_local(
             if done == total:
                 break
             idx = indices[perm[start : start + batch_size]].to(x.device, non_blocking=True)
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad()
             loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
             loss.backward()
             if grad_hook is not None:
@@ -72,8 +105,8 @@ def train_local(
             loss_sum += loss.detach()
             done += 1
     if carried:
-        for name, p in model.named_parameters():
-            if (buf := opt.state[p].get("momentum_buffer")) is not None:
+        for (name, _), buf in zip(named, opt.buffers):
+            if buf is not None:
                 momentum_buffers[name] = buf.detach().cpu()
     return float(loss_sum) / max(total, 1)
 

@@ -105,10 +105,9 @@ def _on(data: TensorData, device: torch.device) -> TensorData:
 
 
 def _warm_up(model: torch.nn.Module, data: TensorData) -> None:
-    """One forward/backward pass and an optimizer, so one-off set-up (the first optimizer
-    imports torch's compiler stack, ~3 s) is not counted as the first client's compute time."""
+    """One forward/backward pass, so one-off set-up (kernel selection, allocator) is not counted
+    as the first client's compute time."""
     torch.nn.functional.cross_entropy(model(data.x[:2]), data.y[:2]).backward()
-    torch.optim.SGD(model.parameters(), lr=0.0)
     model.zero_grad(set_to_none=True)
 
 
