@@ -235,6 +235,19 @@ def test_client_state_in_records_or_resident_gives_the_same_run(fast_cfg):
     assert torch.equal(a._global, b._global)
 
 
+def test_in_sync_clients_share_one_copy_of_each_version(fast_cfg):
+    """One client rebuilds the relayed aggregate; every other client of the version holds the
+    same replica and predictor tensors (memory and work once per version), and the run equals
+    one where nothing is shared (state serialised as ArrayRecords)."""
+    strategy, grid = run_hgc(fast_cfg, 4, "strategy.bits=2")
+    states = [client_state(ctx) for ctx in grid._contexts.values()]
+    for group, key in ((M.REPLICA, "w"), (M.HGC_STATE, "u"), (M.HGC_STATE, "v")):
+        assert len({st.tensor(group, key).data_ptr() for st in states}) == 1
+    assert len({st.tensor(M.UP_STATE, "residual").data_ptr() for st in states}) == len(states)  # own error feedback
+    unshared, _ = run_hgc(fast_cfg, 4, "strategy.bits=2", resident=False)
+    assert torch.equal(strategy._global, unshared._global)
+
+
 def test_mask_cost_is_counted_once_up_and_relayed_down(fast_cfg):
     strategy, _ = run_hgc(fast_cfg, 3)
     mask_bytes = max(s.mask_bytes for s in strategy._sent.values())  # the last round's relayed mask

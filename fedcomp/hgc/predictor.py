@@ -17,6 +17,11 @@ and an update touches only the mask: O(k) per round instead of O(d). When a scal
 1e-100 it is folded into its buffer (an O(d) pass every few thousand rounds; every round if
 beta = 0). A resynchronised client receives the stored buffers and their scales, so it continues
 with exactly the server's representation.
+
+Buffers are never changed in place once handed out (``observe`` works on a copy, O(d)), so
+clients in one process can share one version's buffers (``fl/hgc_client.py``). The quantized
+prediction for a mask is computed once per state: every entry of a round's relay sits on the
+same shared mask.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ class Predictor:
                 raise ValueError(f"predictor {name} must be in [0, 1), got {b}")
         self.beta, self.eps = beta, eps
         self.beta2 = beta if beta2 is None else beta2
+        self._memo: tuple[tuple[torch.Tensor, tuple], np.ndarray] | None = None
         self.reset(0)
 
     def reset(self, d: int) -> None:
@@ -43,6 +49,7 @@ class Predictor:
         self.u = torch.zeros(d, dtype=torch.float64)
         self.v = torch.zeros(d, dtype=torch.float64)
         self.su = self.sv = 1.0
+        self._memo = None
 
     @staticmethod
     def _decay(buffer: torch.Tensor, scale: float, beta: float) -> float:
@@ -58,6 +65,7 @@ class Predictor:
         g = g.double().reshape(-1)
         if self.u.numel() != g.numel():
             self.reset(g.numel())
+        self.u, self.v, self._memo = self.u.clone(), self.v.clone(), None  # others may hold the old buffers
         self.su = self._decay(self.u, self.su, self.beta)
         self.sv = self._decay(self.v, self.sv, self.beta2)
         values = g if support is None else g[support]
@@ -76,8 +84,15 @@ class Predictor:
         return self.su * self.u[mask] / ((self.sv * self.v[mask]).sqrt() + self.eps)
 
     def predicted_symbols(self, mask: torch.Tensor, bits: int, cuts: np.ndarray) -> np.ndarray:
-        """The prediction, sparsified on ``mask`` and quantized like the gradient (per segment)."""
-        return quantize_segments(self.predict(mask), cuts, bits)[0]
+        """The prediction, sparsified on ``mask`` and quantized like the gradient (per segment);
+        asked again for the same mask tensor, bits and cuts, the same array (read-only)."""
+        key = (bits, cuts.tobytes())
+        if self._memo is not None and self._memo[0][0] is mask and self._memo[0][1] == key:
+            return self._memo[1]
+        symbols = quantize_segments(self.predict(mask), cuts, bits)[0]
+        symbols.flags.writeable = False
+        self._memo = ((mask, key), symbols)  # holding the mask keeps its identity unambiguous
+        return symbols
 
     def state(self) -> dict[str, torch.Tensor]:
         """The stored buffers and their scales, exactly (what a resync carries)."""
@@ -88,6 +103,7 @@ class Predictor:
         self.v = state.get("v", torch.zeros(0, dtype=torch.float64)).double()
         scale = state.get("scale")
         self.su, self.sv = (float(scale[0]), float(scale[1])) if scale is not None else (1.0, 1.0)
+        self._memo = None
 
 
 def xor_residue(symbols: np.ndarray, predicted: np.ndarray) -> np.ndarray:
