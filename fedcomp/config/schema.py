@@ -28,6 +28,8 @@ def _require(ok: bool, key: str, why: str, value: Any) -> None:
         raise ConfigError(f"{key}: {why} (got {value!r})")
 
 
+BACKENDS = ("inline", "pool", "batched", "ray")
+
 # Injectable client faults, described in fedcomp/fl/faults.py.
 FAULT_KINDS = ("crash", "lose_down", "lose", "corrupt", "truncate", "wrong_shape", "nan_update", "nan_metrics", "forge_size")
 
@@ -36,10 +38,13 @@ FAULT_KINDS = ("crash", "lose_down", "lose", "corrupt", "truncate", "wrong_shape
 class SimulationConfig:
     num_clients: int = 10
     fraction: float = 1.0
-    # inline: Flower Messages delivered to the ClientApp in this process (fast, the default);
+    # inline: Flower Messages delivered to the ClientApp in this process (the default);
+    # pool: the same, on persistent worker processes training in parallel;
+    # batched: a round's cohort trained as one vmapped computation (plain local SGD);
     # ray: Flower's simulation engine (one Ray actor per client_cpus).
     backend: str = "inline"
-    client_cpus: float = 1.0
+    workers: Optional[int] = None  # pool: worker processes (null: the cores client_cpus threads fill)
+    client_cpus: Optional[float] = None  # torch threads per client (inline: null = torch's default; pool: 1; ray: CPUs per actor)
     client_gpus: float = 0.0
     # hmac: every payload carries an HMAC-SHA256 tag (32 bytes, counted); key from
     # integrity_key (hex) or, in simulation, derived from the seed.
@@ -57,8 +62,9 @@ class SimulationConfig:
         _require(self.integrity in ("none", "hmac"), "simulation.integrity", "must be none or hmac", self.integrity)
         _require(self.num_clients >= 1, "simulation.num_clients", "must be >= 1", self.num_clients)
         _require(0 < self.fraction <= 1, "simulation.fraction", "must be in (0, 1]", self.fraction)
-        _require(self.backend in ("inline", "ray"), "simulation.backend", "must be 'inline' or 'ray'", self.backend)
-        _require(self.client_cpus > 0, "simulation.client_cpus", "must be > 0", self.client_cpus)
+        _require(self.backend in BACKENDS, "simulation.backend", f"must be one of {BACKENDS}", self.backend)
+        _require(self.client_cpus is None or self.client_cpus > 0, "simulation.client_cpus", "must be > 0 or null", self.client_cpus)
+        _require(self.workers is None or self.workers >= 1, "simulation.workers", "must be >= 1 or null", self.workers)
         _require(self.client_gpus >= 0, "simulation.client_gpus", "must be >= 0", self.client_gpus)
 
 
@@ -314,8 +320,8 @@ def validate(cfg: DictConfig) -> None:
     _require(set(cfg.loggers) <= {"csv", "tensorboard"}, "loggers", "must list csv and/or tensorboard", list(cfg.loggers))
     stop = cfg.simulation.get("stop_after_round")
     _require(stop is None or stop >= 1, "simulation.stop_after_round", "must be >= 1 or null", stop)
-    _require(not (cfg.checkpoint_every or stop) or cfg.simulation.backend == "inline", "checkpoint_every",
-             "checkpoints need simulation.backend=inline (Flower's engines keep client state from the server)", cfg.simulation.backend)
+    _require(not (cfg.checkpoint_every or stop) or cfg.simulation.backend != "ray", "checkpoint_every",
+             "checkpoints need fedcomp's engines (inline, pool, batched): Flower's keep client state from the server", cfg.simulation.backend)
     _require(cfg.eval_every >= 1, "eval_every", "must be >= 1", cfg.eval_every)
     t = cfg.target_accuracy
     _require(t is None or 0 < t <= 1, "target_accuracy", "must be in (0, 1] or null", t)

@@ -10,7 +10,7 @@ a resumed run continues bit for bit (tested: 6 rounds straight == 3 rounds, stop
 
 Written every ``checkpoint_every`` rounds and when ``simulation.stop_after_round`` ends a run
 early; ``fedcomp resume RUN_DIR [overrides]`` continues from it. Flower's engines keep client
-state out of the server's reach, so checkpoints need the inline engine.
+state out of the server's reach, so checkpoints need fedcomp's own engines (inline, pool).
 """
 
 from __future__ import annotations
@@ -21,9 +21,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 from safetensors import safe_open
-from safetensors.torch import save_file
-
-from fedcomp.fl.client_state import client_state
+from safetensors.torch import load, save, save_file
 
 FORMAT = 1
 NAME = "checkpoint.safetensors"
@@ -32,14 +30,12 @@ NAME = "checkpoint.safetensors"
 def save_checkpoint(out_dir: str | Path, strategy, grid, server_round: int) -> Path:
     tensors, meta = strategy.state_dict()
     out = {f"server/{k}": v.detach().cpu().contiguous() for k, v in tensors.items()}
-    numbers = {}
-    for node, context in grid._contexts.items():
-        groups, numbers[str(node)] = client_state(context).snapshot()
-        out |= {f"client/{node}/{group}/{key}": t.contiguous() for group, g in groups.items() for key, t in g.items()}
+    clients, numbers, aliases = _flatten(grid.client_snapshots())
+    out |= {f"client/{k}": t for k, t in clients.items()}
     path = Path(out_dir) / NAME
     tmp = path.with_suffix(".tmp")
     save_file(out, str(tmp), metadata={"format": str(FORMAT), "round": str(server_round), "server": json.dumps(meta),
-                                       "clients": json.dumps(numbers)})
+                                       "clients": json.dumps(numbers), "aliases": json.dumps(aliases)})
     os.replace(tmp, path)  # a crash mid-write never leaves a broken checkpoint
     return path
 
@@ -59,23 +55,53 @@ def load_checkpoint(run_dir: str | Path, strategy, grid) -> int:
         meta = f.metadata()
         for key in f.keys():
             part, rest = key.split("/", 1)
-            if part == "server":
-                server[rest] = f.get_tensor(key)
-            else:
-                node, group, name = rest.split("/", 2)
-                clients.setdefault(int(node), {}).setdefault(group, {})[name] = f.get_tensor(key)
+            (server if part == "server" else clients)[rest] = f.get_tensor(key)
     strategy.load_state_dict(server, json.loads(meta["server"]))
-    numbers = json.loads(meta["clients"])
-    for node, context in grid._contexts.items():
-        client_state(context).restore(clients.get(node, {}), numbers.get(str(node), {}))
+    grid.restore_clients(_unflatten(clients, json.loads(meta["clients"]), json.loads(meta.get("aliases", "{}"))))
     return int(meta["round"])
+
+
+def _flatten(snapshots: dict) -> tuple[dict, dict, dict]:
+    """Client snapshots as flat tensors ``node/group/key``, numbers per node (JSON) and aliases:
+    a tensor several clients share (HGC's in-sync replicas and predictors) is stored once and
+    named by the others, and shared again when loaded."""
+    tensors, aliases, first = {}, {}, {}
+    for node, (groups, _) in snapshots.items():
+        for group, g in groups.items():
+            for key, t in g.items():
+                name, ident = f"{node}/{group}/{key}", (t.data_ptr(), t.shape, t.stride(), t.dtype)
+                if t.numel() and ident in first:
+                    aliases[name] = first[ident]
+                else:
+                    first[ident], tensors[name] = name, t.contiguous()
+    return tensors, {str(node): numbers for node, (_, numbers) in snapshots.items()}, aliases
+
+
+def _unflatten(tensors: dict, numbers: dict, aliases: dict) -> dict:
+    snapshots = {int(node): ({}, values) for node, values in numbers.items()}
+    for name in [*tensors, *aliases]:
+        node, group, key = name.split("/", 2)
+        t = tensors[aliases[name]] if name in aliases else tensors[name]
+        snapshots.setdefault(int(node), ({}, {}))[0].setdefault(group, {})[key] = t
+    return snapshots
+
+
+def pack_snapshots(snapshots: dict) -> list[bytes]:
+    """Client snapshots as [safetensors bytes, JSON numbers, JSON aliases] (between a pool
+    worker and the server process)."""
+    tensors, numbers, aliases = _flatten(snapshots)
+    return [save(tensors), json.dumps(numbers).encode(), json.dumps(aliases).encode()]
+
+
+def unpack_snapshots(blobs: list[bytes]) -> dict:
+    return _unflatten(load(blobs[0]), json.loads(blobs[1]), json.loads(blobs[2]))
 
 
 def resume(args: list[str]) -> int:
     """``fedcomp resume RUN_DIR [key=value ...]``: continue a run from its checkpoint, with the
     config it was started with (``RUN_DIR/.hydra/config.yaml``) and any overrides."""
     from fedcomp.config import ConfigError, register_schema, validate
-    from fedcomp.fl.engine import run_inline
+    from fedcomp.fl.engine import run_experiment
 
     if not args or not (Path(args[0]) / NAME).is_file():
         print("usage: fedcomp resume RUN_DIR [key=value ...]  (RUN_DIR must hold a checkpoint.safetensors)")
@@ -90,6 +116,6 @@ def resume(args: list[str]) -> int:
     except ConfigError as exc:
         print(f"fedcomp: invalid config: {exc}")
         return 2
-    summary = run_inline(cfg, run_dir, resume=True)
+    summary = run_experiment(cfg, run_dir, resume=True)
     print(f"resumed at round {summary.get('resumed_from', 0) + 1}: final accuracy {summary['final_accuracy']} | results in {run_dir}")
     return 0 if summary["status"] in ("ok", "stopped") else 1

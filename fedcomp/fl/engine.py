@@ -6,6 +6,9 @@ the ClientApp in this process, one node after another, with a persistent ``Conte
 The apps, the strategy and every Message are the same as under Flower's engines; what goes is
 the process/actor hop, which costs more than the local training of a small model.
 
+``pool``: the same Grid contract with the nodes spread over persistent worker processes that
+train in parallel (``fedcomp.fl.pool``).
+
 ``ray``: Flower's simulation engine (``flwr.simulation.run_simulation``), one Ray actor per
 ``simulation.client_cpus``. Use it when clients need isolation or several GPUs.
 
@@ -26,38 +29,41 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
+import torch
 from omegaconf import DictConfig
 
 from fedcomp.fl.client_app import make_client_app
-from fedcomp.fl.client_state import ResidentContext
+from fedcomp.fl.client_state import ResidentContext, client_state
 from fedcomp.fl.server_app import make_server_app, run_server
 
 SERVER_NODE_ID = 1  # Flower's SUPERLINK_NODE_ID
 log = logging.getLogger("fedcomp")
 
 
-class InlineGrid(Grid):
-    """A Grid whose nodes are ClientApp calls in this process."""
+def declare_server_task(run_id: int) -> None:
+    """Flower's runtimes declare which task a process runs before Messages are built."""
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = run_id, 1, SERVER_NODE_ID
 
-    def __init__(
-        self, client_app: ClientApp, num_nodes: int, run_config: dict[str, Any] | None = None, run_id: int = 1,
-        resident: bool = True,
-    ) -> None:
-        """``resident=False`` keeps client tensors as ArrayRecords, as Flower's engines must."""
-        self._app = client_app
+
+def call_client_app(app: ClientApp, msg: Message, context: Context) -> Message:
+    """The ClientApp's reply; an exception becomes an error reply, as under Flower's engines
+    (the strategy drops that client for the round), its traceback logged."""
+    try:
+        return app(msg, context)
+    except Exception as exc:  # noqa: BLE001 -- any client failure is that client's, not the run's
+        log.warning("client on node %d raised %s: %s", msg.metadata.dst_node_id, type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+        return Message(error=Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+
+
+ClientSnapshot = tuple[dict[str, dict[str, torch.Tensor]], dict[str, int]]  # tensor groups, numbers
+
+
+class LocalGrid(Grid):
+    """What fedcomp's own Grids share: messages delivered by this process, replies kept until
+    pulled, and access to the clients' state for checkpoints."""
+
+    def __init__(self, run_id: int = 1) -> None:
         self._run_id = run_id
-        context = ResidentContext if resident else Context
-        # Node ids start above the server's id, as Flower's are distinct from it.
-        self._contexts = {
-            SERVER_NODE_ID + 1 + i: context(
-                run_id=run_id,
-                node_id=SERVER_NODE_ID + 1 + i,
-                node_config={"partition-id": i, "num-partitions": num_nodes},
-                state=RecordDict(),
-                run_config=dict(run_config or {}),
-            )
-            for i in range(num_nodes)
-        }
         self._replies: dict[str, Message] = {}
         self._run = None
 
@@ -71,6 +77,52 @@ class InlineGrid(Grid):
     def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None) -> Message:
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
+    @staticmethod
+    def assign_id(msg: Message) -> None:
+        """The id a SuperLink would assign (Flower's InMemoryGrid does the same)."""
+        msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self._replies.pop(i) for i in message_ids if i in self._replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return list(self.pull_messages(self.push_messages(messages)))
+
+    def client_snapshots(self) -> dict[int, ClientSnapshot]:
+        """Every node's client state (checkpoints)."""
+        raise NotImplementedError
+
+    def restore_clients(self, snapshots: dict[int, ClientSnapshot]) -> None:
+        """Set every node's client state (nodes missing from ``snapshots`` start empty)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the grid holds (worker processes)."""
+
+
+class InlineGrid(LocalGrid):
+    """A Grid whose nodes are ClientApp calls in this process."""
+
+    def __init__(
+        self, client_app: ClientApp, num_nodes: int, run_config: dict[str, Any] | None = None, run_id: int = 1,
+        resident: bool = True,
+    ) -> None:
+        """``resident=False`` keeps client tensors as ArrayRecords, as Flower's engines must."""
+        super().__init__(run_id)
+        self._app = client_app
+        context = ResidentContext if resident else Context
+        # Node ids start above the server's id, as Flower's are distinct from it.
+        self._contexts = {
+            SERVER_NODE_ID + 1 + i: context(
+                run_id=run_id,
+                node_id=SERVER_NODE_ID + 1 + i,
+                node_config={"partition-id": i, "num-partitions": num_nodes},
+                state=RecordDict(),
+                run_config=dict(run_config or {}),
+            )
+            for i in range(num_nodes)
+        }
+
     def get_node_ids(self) -> Iterable[int]:
         return list(self._contexts)
 
@@ -79,40 +131,49 @@ class InlineGrid(Grid):
         for msg in messages:
             if msg.metadata.dst_node_id not in self._contexts:
                 raise ValueError(f"no node {msg.metadata.dst_node_id}")
-            # The id a SuperLink would assign (Flower's InMemoryGrid does the same).
-            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
-            self._replies[msg.metadata.message_id] = self._call(msg)
+            self.assign_id(msg)
+            self._replies[msg.metadata.message_id] = call_client_app(self._app, msg, self._contexts[msg.metadata.dst_node_id])
             ids.append(msg.metadata.message_id)
         return ids
 
-    def _call(self, msg: Message) -> Message:
-        """The ClientApp's reply; an exception becomes an error reply, as under Flower's
-        engines (the strategy drops that client for the round), its traceback logged."""
-        try:
-            return self._app(msg, self._contexts[msg.metadata.dst_node_id])
-        except Exception as exc:  # noqa: BLE001 -- any client failure is that client's, not the run's
-            log.warning("client on node %d raised %s: %s", msg.metadata.dst_node_id, type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
-            return Message(error=Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+    def client_snapshots(self) -> dict[int, ClientSnapshot]:
+        return {node: client_state(context).snapshot() for node, context in self._contexts.items()}
 
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return [self._replies.pop(i) for i in message_ids if i in self._replies]
+    def restore_clients(self, snapshots: dict[int, ClientSnapshot]) -> None:
+        for node, context in self._contexts.items():
+            client_state(context).restore(*snapshots.get(node, ({}, {})))
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        return list(self.pull_messages(self.push_messages(messages)))
+
+def client_threads(sim: DictConfig) -> None:
+    """``simulation.client_cpus`` as this process's torch threads (unset: torch's default)."""
+    if sim.get("client_cpus"):
+        torch.set_num_threads(max(1, int(sim.client_cpus)))
 
 
 def run_inline(cfg: DictConfig, out_dir: str | Path, run_id: int = 1, resume: bool = False) -> dict[str, Any]:
-    # Flower's runtimes declare which task this process is before a ServerApp builds Messages.
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = run_id, 1, SERVER_NODE_ID
+    declare_server_task(run_id)
+    client_threads(cfg.simulation)
     grid = InlineGrid(make_client_app(cfg), cfg.simulation.num_clients, run_id=run_id)
     return run_server(grid, cfg, out_dir, resume)
+
+
+def run_pool(cfg: DictConfig, out_dir: str | Path, run_id: int = 1, resume: bool = False) -> dict[str, Any]:
+    from fedcomp.fl.pool import PoolGrid, client_work
+    from fedcomp.fl.runtime import get_runtime
+
+    declare_server_task(run_id)
+    grid = PoolGrid(cfg, client_work(cfg, get_runtime(cfg).partition.sizes), run_id)
+    try:
+        return run_server(grid, cfg, out_dir, resume)
+    finally:
+        grid.close()
 
 
 def run_ray(cfg: DictConfig, out_dir: str | Path) -> None:
     from flwr.simulation import run_simulation
 
     backend_config = {
-        "client_resources": {"num_cpus": cfg.simulation.client_cpus, "num_gpus": cfg.simulation.client_gpus},
+        "client_resources": {"num_cpus": cfg.simulation.client_cpus or 1, "num_gpus": cfg.simulation.client_gpus},
         "init_args": {"log_to_driver": bool(cfg.verbose), "logging_level": logging.INFO if cfg.verbose else logging.ERROR},
     }
     if not cfg.verbose:
@@ -130,9 +191,19 @@ def run_ray(cfg: DictConfig, out_dir: str | Path) -> None:
         )
 
 
-def run_experiment(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
-    """Run with the configured backend; return the summary written to ``out_dir``."""
-    if cfg.simulation.backend == "ray":
+def run_experiment(cfg: DictConfig, out_dir: str | Path, resume: bool = False) -> dict[str, Any]:
+    """Run with the configured backend; return the summary written to ``out_dir``.
+    ``resume``: continue from ``out_dir``'s checkpoint (fedcomp's own engines)."""
+    backend = cfg.simulation.backend
+    if backend == "pool":
+        return run_pool(cfg, out_dir, resume=resume)
+    if backend == "batched":
+        from fedcomp.fl.batched import run_batched
+
+        return run_batched(cfg, out_dir, resume=resume)
+    if backend == "ray":
+        if resume:
+            raise ValueError("Flower's Ray engine keeps client state out of reach: resume runs with the inline or pool engine")
         import json
 
         run_ray(cfg, out_dir)
@@ -140,4 +211,4 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         if not summary_path.is_file():
             raise RuntimeError(f"the Ray simulation ended without writing {summary_path}; rerun with verbose=true")
         return json.loads(summary_path.read_text())
-    return run_inline(cfg, out_dir)
+    return run_inline(cfg, out_dir, resume=resume)

@@ -1,0 +1,259 @@
+"""The ``pool`` engine: clients trained in parallel on persistent worker processes.
+
+``simulation.workers`` processes (default: one per core at ``simulation.client_cpus`` threads
+each) are started once per run. Each builds the same ``Runtime`` (data, partition, model) and
+holds the ClientApp and the resident Contexts of the nodes assigned to it, so a client's
+state (error feedback, momentum, replicas, HGC buffers) never leaves its worker and a worker
+trains client after client in one model, as pfl-research's workers do. Assignment is greedy
+by client work (samples trained per round, largest first, to the least-loaded worker) and
+fixed for the run.
+
+The server's Messages are Flower Messages, serialised as Flower's engines serialise them
+(protobuf) on the way to a worker and back; a round's messages are sent to every worker at
+once and the replies returned in the order the messages were pushed. A client's work depends
+only on its message, its state and its seed, so results are bit-identical to the inline
+engine for any number of workers (tested) when both train at the same thread count.
+A worker that dies costs its clients their replies (error replies), not the run.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import logging
+import os
+import secrets
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Iterable
+from multiprocessing.connection import Client, Connection, Listener
+from pathlib import Path
+import numpy as np
+import torch
+from flwr.app import Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
+from flwr.common.serde import message_from_proto, message_to_proto
+from flwr.proto.message_pb2 import Message as ProtoMessage
+from omegaconf import DictConfig, OmegaConf
+
+from fedcomp.config.plugins import import_plugins
+from fedcomp.fl.checkpoint import pack_snapshots, unpack_snapshots
+from fedcomp.fl.client_app import make_client_app
+from fedcomp.fl.client_state import ResidentContext, client_state
+from fedcomp.fl.engine import SERVER_NODE_ID, ClientSnapshot, LocalGrid, call_client_app, declare_server_task
+from fedcomp.fl.local import samples_trained
+from fedcomp.fl.runtime import get_runtime
+
+log = logging.getLogger("fedcomp")
+_COUNT = struct.Struct("<I")
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def pool_shape(sim: DictConfig) -> tuple[int, int]:
+    """(workers, threads per worker): ``client_cpus`` threads (default 1) and ``workers``
+    (default: the cores those threads fill, at least one)."""
+    threads = max(1, int(sim.get("client_cpus") or 1))
+    workers = sim.get("workers") or max(1, available_cores() // threads)
+    return int(workers), threads
+
+
+def assign(work: list[float], workers: int) -> list[int]:
+    """Greedy longest-processing-time assignment: client i (work[i]) -> worker index."""
+    heap = [(0.0, w) for w in range(workers)]
+    owner = [0] * len(work)
+    for i in sorted(range(len(work)), key=lambda i: (-work[i], i)):
+        load, w = heapq.heappop(heap)
+        owner[i] = w
+        heapq.heappush(heap, (load + work[i], w))
+    return owner
+
+
+def _send(conn: Connection, kind: str, blobs: Iterable[bytes] = ()) -> None:
+    blobs = list(blobs)
+    conn.send_bytes(kind.encode() + _COUNT.pack(len(blobs)))
+    for b in blobs:
+        conn.send_bytes(b)
+
+
+def _recv(conn: Connection) -> tuple[str, list[bytes]]:
+    head = conn.recv_bytes()
+    (n,) = _COUNT.unpack(head[-_COUNT.size :])
+    return head[: -_COUNT.size].decode(), [conn.recv_bytes() for _ in range(n)]
+
+
+def _worker(conn: Connection) -> None:
+    """A worker's life: build the runtime, then answer the parent's requests until "stop"."""
+    _, (setup,) = _recv(conn)
+    init = json.loads(setup)
+    cfg_yaml, num_nodes, run_id, threads = init["cfg"], init["num_nodes"], init["run_id"], init["threads"]
+    partitions = {int(node): pid for node, pid in init["partitions"].items()}
+    torch.set_num_threads(threads)
+    try:
+        cfg = OmegaConf.create(cfg_yaml)
+        import_plugins(cfg)
+        declare_server_task(run_id)
+        get_runtime(cfg)
+        app = make_client_app(cfg)
+        contexts = {node: ResidentContext(run_id=run_id, node_id=node, node_config={"partition-id": pid, "num-partitions": num_nodes},
+                                          state=RecordDict(), run_config={})
+                    for node, pid in partitions.items()}
+        _send(conn, "ready")
+    except Exception:  # noqa: BLE001 -- reported to the parent, which fails the run with it
+        _send(conn, "failed", [traceback.format_exc().encode()])
+        return
+    while True:
+        kind, blobs = _recv(conn)
+        if kind == "stop":
+            return
+        if kind == "train":
+            replies = []
+            for blob in blobs:
+                msg = message_from_proto(ProtoMessage.FromString(blob))
+                replies.append(message_to_proto(call_client_app(app, msg, contexts[msg.metadata.dst_node_id])).SerializeToString())
+            _send(conn, "replies", replies)
+        elif kind == "snapshot":
+            _send(conn, "states", pack_snapshots({n: client_state(c).snapshot() for n, c in contexts.items()}))
+        elif kind == "restore":
+            snapshots = unpack_snapshots(blobs)
+            for node, context in contexts.items():
+                client_state(context).restore(*snapshots.get(node, ({}, {})))
+            _send(conn, "restored")
+
+
+class PoolGrid(LocalGrid):
+    """A Grid whose nodes live on worker processes (see module doc)."""
+
+    def __init__(self, cfg: DictConfig, work: list[float], run_id: int = 1) -> None:
+        num_nodes = cfg.simulation.num_clients
+        workers, threads = pool_shape(cfg.simulation)
+        workers = min(workers, num_nodes)
+        self._node_ids = [SERVER_NODE_ID + 1 + i for i in range(num_nodes)]
+        owner = assign(work, workers)
+        self._owner = {node: owner[i] for i, node in enumerate(self._node_ids)}
+        super().__init__(run_id)
+        # Fresh interpreters running this module (not multiprocessing's spawn, which re-imports
+        # the caller's main script, nor fork, which can hang after OpenMP threads have run),
+        # each connecting back over a local socket with a one-time key.
+        self._tmp = tempfile.TemporaryDirectory(prefix="fedcomp-pool-")
+        key = secrets.token_bytes(32)
+        listener = Listener(str(Path(self._tmp.name) / "socket"), family="AF_UNIX", authkey=key)
+        env = {**os.environ, "FEDCOMP_POOL_KEY": key.hex(), "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
+               "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        self._procs = [subprocess.Popen([sys.executable, "-m", "fedcomp.fl.pool", listener.address], env=env)
+                       for _ in range(workers)]
+        self._conns: list[Connection] = []
+        self._dead: set[int] = set()
+        cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+        try:
+            for w, conn in enumerate(self._accept(listener, workers)):
+                partitions = {node: i for i, node in enumerate(self._node_ids) if owner[i] == w}
+                _send(conn, "init", [json.dumps({"cfg": cfg_yaml, "partitions": partitions, "num_nodes": num_nodes,
+                                                 "run_id": run_id, "threads": threads}).encode()])
+                self._conns.append(conn)
+        finally:
+            listener.close()
+        for w in range(workers):
+            kind, blobs = self._receive(w)
+            if kind != "ready":
+                self.close()
+                raise RuntimeError(f"pool worker {w} failed to start:\n" + (blobs[0].decode() if blobs else "(no report)"))
+        log.info("pool engine: %d workers x %d threads", workers, threads)
+
+    def _accept(self, listener: Listener, n: int, timeout_s: float = 300.0) -> list[Connection]:
+        """The workers' connections; a worker that exits first (its error on stderr) fails the run."""
+        conns: list[Connection] = []
+        waiter = threading.Thread(target=lambda: conns.extend(listener.accept() for _ in range(n)), daemon=True)
+        waiter.start()
+        deadline = time.monotonic() + timeout_s
+        while waiter.is_alive():
+            waiter.join(0.1)
+            failed = [p.returncode for p in self._procs if p.poll() is not None]
+            if waiter.is_alive() and (failed or time.monotonic() > deadline):
+                self.close()
+                raise RuntimeError(f"pool workers did not start (exit codes {failed}; their errors are above)")
+        return conns
+
+    def _receive(self, w: int) -> tuple[str, list[bytes]]:
+        try:
+            return _recv(self._conns[w])
+        except (EOFError, OSError):
+            self._dead.add(w)
+            return "dead", []
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self._node_ids)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        messages = list(messages)
+        by_worker: dict[int, list[Message]] = {}
+        for msg in messages:
+            if msg.metadata.dst_node_id not in self._owner:
+                raise ValueError(f"no node {msg.metadata.dst_node_id}")
+            self.assign_id(msg)
+            by_worker.setdefault(self._owner[msg.metadata.dst_node_id], []).append(msg)
+        for w, batch in by_worker.items():  # every worker starts before any reply is awaited
+            if w not in self._dead:
+                try:
+                    _send(self._conns[w], "train", [message_to_proto(m).SerializeToString() for m in batch])
+                except (BrokenPipeError, OSError):
+                    self._dead.add(w)
+        for w, batch in by_worker.items():
+            kind, blobs = self._receive(w) if w not in self._dead else ("dead", [])
+            if kind == "replies" and len(blobs) == len(batch):
+                replies = [message_from_proto(ProtoMessage.FromString(b)) for b in blobs]
+            else:
+                log.error("pool worker %d is gone; its clients' replies are lost", w)
+                replies = [Message(error=Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"worker {w} died"), reply_to=m)
+                           for m in batch]
+            for msg, reply in zip(batch, replies):
+                self._replies[msg.metadata.message_id] = reply
+        return [m.metadata.message_id for m in messages]
+
+    def client_snapshots(self) -> dict[int, ClientSnapshot]:
+        out = {}
+        for w, conn in enumerate(self._conns):
+            _send(conn, "snapshot")
+            kind, blobs = self._receive(w)
+            if kind != "states":
+                raise RuntimeError(f"pool worker {w} did not report its clients' state")
+            out |= unpack_snapshots(blobs)
+        return out
+
+    def restore_clients(self, snapshots: dict[int, ClientSnapshot]) -> None:
+        for w, conn in enumerate(self._conns):
+            mine = {n: s for n, s in snapshots.items() if self._owner.get(n) == w}
+            _send(conn, "restore", pack_snapshots(mine))
+            if self._receive(w)[0] != "restored":
+                raise RuntimeError(f"pool worker {w} could not restore its clients' state")
+
+    def close(self) -> None:
+        for w, conn in enumerate(self._conns):
+            if w not in self._dead:
+                try:
+                    _send(conn, "stop")
+                except (BrokenPipeError, OSError):
+                    pass
+        for proc in self._procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        self._tmp.cleanup()
+
+
+def client_work(cfg: DictConfig, sizes: np.ndarray) -> list[float]:
+    """Samples each client trains per round (the assignment's weights)."""
+    t = cfg.train
+    return [float(samples_trained(int(n), epochs=t.epochs, steps=t.steps, batch_size=t.batch_size)) for n in sizes]
+
+
+if __name__ == "__main__":
+    _worker(Client(sys.argv[1], family="AF_UNIX", authkey=bytes.fromhex(os.environ["FEDCOMP_POOL_KEY"])))
