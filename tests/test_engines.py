@@ -5,6 +5,7 @@ import os
 import signal
 
 import pytest
+import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from fedcomp.fl.engine import run_experiment
@@ -85,3 +86,87 @@ def test_pool_shape_from_workers_and_client_cpus(fast_cfg, monkeypatch):
     assert pool.pool_shape(fast_cfg().simulation) == (16, 1)
     assert pool.pool_shape(fast_cfg("simulation.client_cpus=4").simulation) == (4, 4)
     assert pool.pool_shape(fast_cfg("simulation.workers=3", "simulation.client_cpus=2").simulation) == (3, 2)
+
+
+def test_state_store_spills_beyond_its_budget_and_reads_back_exactly(tmp_path):
+    from fedcomp.fl.state_store import StateStore
+
+    store = StateStore(budget_bytes=3 * 4000, spill_dir=tmp_path)
+    g = torch.Generator().manual_seed(0)
+    shared = torch.randn(1000, generator=g)
+    kept = {}
+    for owner in range(10):
+        kept[owner] = torch.randn(1000, generator=g)
+        store.put(owner, "ef", {"residual": kept[owner], "w": shared})
+        assert store.resident_bytes <= store.budget
+    assert store.spilled_bytes > 0 and any(tmp_path.iterdir())
+    for owner in range(10):
+        group = store.get(owner, "ef")
+        assert torch.equal(group["residual"], kept[owner]) and torch.equal(group["w"], shared)
+    store.put(3, "ef", {})
+    assert store.get(3, "ef") is None and store.names(3) == []
+    store.close()
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_shared_tensor_is_held_and_counted_once():
+    from fedcomp.fl.state_store import StateStore
+
+    store = StateStore()
+    w = torch.zeros(1000)
+    for owner in range(5):
+        store.put(owner, "replica", {"w": w})
+    assert store.resident_bytes == 4000
+    assert all(store.get(o, "replica")["w"].data_ptr() == w.data_ptr() for o in range(5))
+
+
+@pytest.mark.parametrize("extra", [STATEFUL, ("strategy=hgc", "strategy.ratio=0.05", "num_rounds=3", "train.optimizer_state=persistent",
+                                              "train.momentum=0.5", "simulation.fraction=0.75")], ids=["topk", "hgc"])
+def test_a_memory_budget_spills_client_state_without_changing_the_run(fast_cfg, tmp_path, extra):
+    from fedcomp.fl import engine
+
+    spilled = []
+    original = engine.state_store
+
+    def tracked(sim, share=1):
+        store = original(sim, share)
+        spilled.append(store)
+        return store
+
+    engine.state_store = tracked
+    try:
+        run_experiment(fast_cfg(*extra, "simulation.state_memory_gb=0.00001"), tmp_path / "budget")
+    finally:
+        engine.state_store = original
+    run_experiment(fast_cfg(*extra), tmp_path / "unbounded")
+    same_run(tmp_path / "budget", tmp_path / "unbounded")
+    assert spilled and spilled[0].spilled_bytes > 0
+
+
+def test_bfloat16_error_feedback_is_kept_in_half_the_bytes_on_every_engine(fast_cfg, tmp_path):
+    from fedcomp.fl import messages as M
+    from fedcomp.fl.client_app import make_client_app
+    from fedcomp.fl.client_state import client_state
+    from fedcomp.fl.engine import InlineGrid, declare_server_task
+    from fedcomp.fl.server_app import run_server
+
+    cfg = fast_cfg(*STATEFUL, "simulation.ef_dtype=bfloat16")
+    declare_server_task(1)
+    grids = {resident: InlineGrid(make_client_app(cfg), cfg.simulation.num_clients, resident=resident) for resident in (True, False)}
+    for resident, grid in grids.items():
+        run_server(grid, cfg, tmp_path / str(resident))
+    same_run(tmp_path / "True", tmp_path / "False")
+    resident_ef = [client_state(c)._get(M.UP_STATE) for c in grids[True]._contexts.values()]
+    assert any(g and g["residual"].dtype == torch.bfloat16 for g in resident_ef)
+    record_ef = [client_state(c, {M.UP_STATE: torch.bfloat16}).get(M.UP_STATE) for c in grids[False]._contexts.values()]
+    assert any(g and g["residual"].dtype == torch.float32 for g in record_ef)  # read back as float32
+    run_experiment(fast_cfg(*STATEFUL), tmp_path / "fp32")
+    assert rows(tmp_path / "fp32") != rows(tmp_path / "True")  # a real trade-off: the residual is rounded
+
+
+def test_back_to_back_runs_in_one_process_do_not_share_server_state(fast_cfg, tmp_path):
+    """The server's compressors (downlink error feedback) belong to one run, even when two runs
+    of one config share the process's cached runtime."""
+    for name in ("a", "b"):
+        run_experiment(fast_cfg(*STATEFUL), tmp_path / name)
+    same_run(tmp_path / "a", tmp_path / "b")

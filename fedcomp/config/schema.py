@@ -45,6 +45,11 @@ class SimulationConfig:
     backend: str = "inline"
     workers: Optional[int] = None  # pool: worker processes (null: the cores client_cpus threads fill)
     client_cpus: Optional[float] = None  # torch threads per client (inline: null = torch's default; pool: 1; ray: CPUs per actor)
+    # Memory for client state (EF, momentum, replicas, HGC buffers) per run, spilled to files in
+    # spill_dir (null: the system's temp dir) beyond it; null: unbounded.
+    state_memory_gb: Optional[float] = None
+    spill_dir: Optional[str] = None
+    ef_dtype: str = "float32"  # bfloat16: error-feedback memory in half the bytes (a fidelity trade-off)
     client_gpus: float = 0.0
     # hmac: every payload carries an HMAC-SHA256 tag (32 bytes, counted); key from
     # integrity_key (hex) or, in simulation, derived from the seed.
@@ -65,6 +70,8 @@ class SimulationConfig:
         _require(self.backend in BACKENDS, "simulation.backend", f"must be one of {BACKENDS}", self.backend)
         _require(self.client_cpus is None or self.client_cpus > 0, "simulation.client_cpus", "must be > 0 or null", self.client_cpus)
         _require(self.workers is None or self.workers >= 1, "simulation.workers", "must be >= 1 or null", self.workers)
+        _require(self.state_memory_gb is None or self.state_memory_gb > 0, "simulation.state_memory_gb", "must be > 0 or null", self.state_memory_gb)
+        _require(self.ef_dtype in ("float32", "bfloat16"), "simulation.ef_dtype", "must be float32 or bfloat16", self.ef_dtype)
         _require(self.client_gpus >= 0, "simulation.client_gpus", "must be >= 0", self.client_gpus)
 
 

@@ -57,7 +57,7 @@ def train_on_client(cfg: DictConfig, msg: Message, context: Context) -> Message:
     partition_id = int(context.node_config["partition-id"])
     config = msg.content[M.CONFIG]
     seed = client_seed(cfg, config, partition_id)
-    state = client_state(context)
+    state = client_state(context, rt.reduced_state)
     apply_resets(state, config)
     if M.HGC in msg.content:
         return hgc_round(rt, msg, state, partition_id, seed)

@@ -34,6 +34,7 @@ from omegaconf import DictConfig
 
 from fedcomp.fl.client_app import make_client_app
 from fedcomp.fl.client_state import ResidentContext, client_state
+from fedcomp.fl.state_store import StateStore
 from fedcomp.fl.server_app import make_server_app, run_server
 
 SERVER_NODE_ID = 1  # Flower's SUPERLINK_NODE_ID
@@ -105,22 +106,19 @@ class InlineGrid(LocalGrid):
 
     def __init__(
         self, client_app: ClientApp, num_nodes: int, run_config: dict[str, Any] | None = None, run_id: int = 1,
-        resident: bool = True,
+        resident: bool = True, store: StateStore | None = None,
     ) -> None:
-        """``resident=False`` keeps client tensors as ArrayRecords, as Flower's engines must."""
+        """``resident=False`` keeps client tensors as ArrayRecords, as Flower's engines must;
+        resident ones live in ``store`` (default: unbounded memory)."""
         super().__init__(run_id)
         self._app = client_app
-        context = ResidentContext if resident else Context
+        self.store = store if store is not None else StateStore()
         # Node ids start above the server's id, as Flower's are distinct from it.
         self._contexts = {
-            SERVER_NODE_ID + 1 + i: context(
-                run_id=run_id,
-                node_id=SERVER_NODE_ID + 1 + i,
-                node_config={"partition-id": i, "num-partitions": num_nodes},
-                state=RecordDict(),
-                run_config=dict(run_config or {}),
-            )
-            for i in range(num_nodes)
+            node: resident_context(run_id, node, partition, num_nodes, self.store, run_config) if resident
+            else Context(run_id=run_id, node_id=node, node_config={"partition-id": partition, "num-partitions": num_nodes},
+                         state=RecordDict(), run_config=dict(run_config or {}))
+            for partition, node in enumerate(range(SERVER_NODE_ID + 1, SERVER_NODE_ID + 1 + num_nodes))
         }
 
     def get_node_ids(self) -> Iterable[int]:
@@ -143,6 +141,21 @@ class InlineGrid(LocalGrid):
         for node, context in self._contexts.items():
             client_state(context).restore(*snapshots.get(node, ({}, {})))
 
+    def close(self) -> None:
+        self.store.close()
+
+
+def resident_context(run_id: int, node: int, partition: int, num_nodes: int, store: StateStore,
+                     run_config: dict[str, Any] | None = None) -> ResidentContext:
+    return ResidentContext(run_id=run_id, node_id=node, node_config={"partition-id": partition, "num-partitions": num_nodes},
+                           state=RecordDict(), run_config=dict(run_config or {}), store=store)
+
+
+def state_store(sim: DictConfig, share: int = 1) -> StateStore:
+    """The client-state store of one of ``share`` engine processes (``simulation.state_memory_gb``)."""
+    budget = sim.get("state_memory_gb")
+    return StateStore(None if budget is None else budget * 2**30 / share, sim.get("spill_dir"))
+
 
 def client_threads(sim: DictConfig) -> None:
     """``simulation.client_cpus`` as this process's torch threads (unset: torch's default)."""
@@ -153,8 +166,11 @@ def client_threads(sim: DictConfig) -> None:
 def run_inline(cfg: DictConfig, out_dir: str | Path, run_id: int = 1, resume: bool = False) -> dict[str, Any]:
     declare_server_task(run_id)
     client_threads(cfg.simulation)
-    grid = InlineGrid(make_client_app(cfg), cfg.simulation.num_clients, run_id=run_id)
-    return run_server(grid, cfg, out_dir, resume)
+    grid = InlineGrid(make_client_app(cfg), cfg.simulation.num_clients, run_id=run_id, store=state_store(cfg.simulation))
+    try:
+        return run_server(grid, cfg, out_dir, resume)
+    finally:
+        grid.close()
 
 
 def run_pool(cfg: DictConfig, out_dir: str | Path, run_id: int = 1, resume: bool = False) -> dict[str, Any]:

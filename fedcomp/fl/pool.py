@@ -35,7 +35,7 @@ from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
 import numpy as np
 import torch
-from flwr.app import Error, Message, RecordDict
+from flwr.app import Error, Message
 from flwr.common.constant import ErrorCode
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.proto.message_pb2 import Message as ProtoMessage
@@ -44,8 +44,8 @@ from omegaconf import DictConfig, OmegaConf
 from fedcomp.config.plugins import import_plugins
 from fedcomp.fl.checkpoint import pack_snapshots, unpack_snapshots
 from fedcomp.fl.client_app import make_client_app
-from fedcomp.fl.client_state import ResidentContext, client_state
-from fedcomp.fl.engine import SERVER_NODE_ID, ClientSnapshot, LocalGrid, call_client_app, declare_server_task
+from fedcomp.fl.client_state import client_state
+from fedcomp.fl.engine import SERVER_NODE_ID, ClientSnapshot, LocalGrid, call_client_app, declare_server_task, resident_context, state_store
 from fedcomp.fl.local import samples_trained
 from fedcomp.fl.runtime import get_runtime
 
@@ -93,7 +93,7 @@ def _worker(conn: Connection) -> None:
     """A worker's life: build the runtime, then answer the parent's requests until "stop"."""
     _, (setup,) = _recv(conn)
     init = json.loads(setup)
-    cfg_yaml, num_nodes, run_id, threads = init["cfg"], init["num_nodes"], init["run_id"], init["threads"]
+    cfg_yaml, num_nodes, run_id, threads, workers = init["cfg"], init["num_nodes"], init["run_id"], init["threads"], init["workers"]
     partitions = {int(node): pid for node, pid in init["partitions"].items()}
     torch.set_num_threads(threads)
     try:
@@ -102,9 +102,8 @@ def _worker(conn: Connection) -> None:
         declare_server_task(run_id)
         get_runtime(cfg)
         app = make_client_app(cfg)
-        contexts = {node: ResidentContext(run_id=run_id, node_id=node, node_config={"partition-id": pid, "num-partitions": num_nodes},
-                                          state=RecordDict(), run_config={})
-                    for node, pid in partitions.items()}
+        store = state_store(cfg.simulation, share=workers)
+        contexts = {node: resident_context(run_id, node, pid, num_nodes, store) for node, pid in partitions.items()}
         _send(conn, "ready")
     except Exception:  # noqa: BLE001 -- reported to the parent, which fails the run with it
         _send(conn, "failed", [traceback.format_exc().encode()])
@@ -112,6 +111,7 @@ def _worker(conn: Connection) -> None:
     while True:
         kind, blobs = _recv(conn)
         if kind == "stop":
+            store.close()
             return
         if kind == "train":
             replies = []
@@ -156,7 +156,7 @@ class PoolGrid(LocalGrid):
             for w, conn in enumerate(self._accept(listener, workers)):
                 partitions = {node: i for i, node in enumerate(self._node_ids) if owner[i] == w}
                 _send(conn, "init", [json.dumps({"cfg": cfg_yaml, "partitions": partitions, "num_nodes": num_nodes,
-                                                 "run_id": run_id, "threads": threads}).encode()])
+                                                 "run_id": run_id, "threads": threads, "workers": workers}).encode()])
                 self._conns.append(conn)
         finally:
             listener.close()

@@ -18,6 +18,7 @@ from fedcomp.compression import Compressor, build
 from fedcomp.config import ConfigError
 from fedcomp.config.plugins import build_target
 from fedcomp.data import TensorData, load_dataset
+from fedcomp.fl import messages as M
 from fedcomp.fl.algorithms import ClientAlgorithm
 from fedcomp.models import StateLayout, build_model
 from fedcomp.network.compute import training_flops_per_sample
@@ -58,11 +59,16 @@ class Runtime:
                     momentum=t.momentum, weight_decay=t.weight_decay)
 
     def compressor(self, direction: str) -> Compressor:
-        """The process's compressor for ``direction`` ("up" or "down"), built once. Per-client
-        state is not kept here but loaded from and saved to each client's Context."""
+        """The process's compressor for ``direction`` ("up" or "down"), built once, for clients:
+        their state is not kept here but loaded from and saved to each client's Context."""
         if direction not in self._compressors:
-            self._compressors[direction] = build_target(self.cfg.compressor[direction], sizes=self.layout.sizes)
+            self._compressors[direction] = self.new_compressor(direction)
         return self._compressors[direction]
+
+    def new_compressor(self, direction: str) -> Compressor:
+        """A compressor of its own (the server's, whose state, e.g. downlink error feedback,
+        belongs to one run)."""
+        return build_target(self.cfg.compressor[direction], sizes=self.layout.sizes)
 
     @cached_property
     def training_flops(self) -> float:
@@ -80,6 +86,11 @@ class Runtime:
         """The run's payload seal (``simulation.integrity: hmac``), the same on every party."""
         sim = self.cfg.simulation
         return Seal.for_run(self.cfg.seed, sim.get("integrity_key")) if sim.get("integrity", "none") == "hmac" else None
+
+    @cached_property
+    def reduced_state(self) -> dict[str, torch.dtype]:
+        """Client state groups kept in reduced precision (``simulation.ef_dtype``)."""
+        return {M.UP_STATE: torch.bfloat16} if self.cfg.simulation.get("ef_dtype", "float32") == "bfloat16" else {}
 
     @cached_property
     def full_codec(self) -> Compressor:

@@ -36,8 +36,8 @@ def build_strategy(cfg: DictConfig, rt: Runtime) -> Strategy:
     local-training schedule, the ratio controller, the partition's sizes and the seal."""
     # _partial_: Hydra would turn the objects passed below into configs.
     return instantiate(cfg.strategy, _partial_=True)(
-        up=rt.compressor("up"),
-        down=rt.compressor("down"),
+        up=rt.new_compressor("up"),
+        down=rt.new_compressor("down"),
         system=SystemModel.from_config(cfg.network, cfg.simulation.num_clients, cfg.seed, rt.layout.numel, rt.training_flops),
         fraction=cfg.simulation.fraction,
         seed=cfg.seed,

@@ -426,7 +426,9 @@ class CompressedFedAvg(Strategy):
         sent), the rest failures. ``expected`` nodes (default: all sent to this round) that
         never replied fail too."""
         arrivals, replied = [], set()
-        for reply in replies:
+        # Engines deliver replies in completion order; checking them by partition keeps the
+        # failure log (and its warnings) the same on every engine.
+        for reply in sorted(replies, key=lambda r: self.partition(r.metadata.src_node_id)):
             node = reply.metadata.src_node_id
             if node not in self._sent or node in replied or node in self._dropped:
                 continue  # not sampled this round, a duplicate, or a client that dropped out
