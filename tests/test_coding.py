@@ -17,7 +17,7 @@ def test_bitpack_round_trip(width, values):
     assert np.array_equal(unpack_bits(blob, width, len(vals), np.uint64), vals)
 
 
-@pytest.mark.parametrize("width", [1, 3, 8, 9, 17, 33])
+@pytest.mark.parametrize("width", [1, 2, 3, 7, 8, 9, 17, 33])
 def test_bitpack_chunks_and_matches_the_bit_definition(width):
     """Values spanning several chunks; each value is its width bits, MSB first."""
     from fedcomp.coding import bitpack

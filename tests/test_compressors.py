@@ -130,6 +130,32 @@ def test_optimal_probabilities_water_filling():
     assert ((g[nz].double() ** 2) / p[nz]).sum() < ((g.double() ** 2) / 0.1).sum()
 
 
+def _water_filling_by_full_sort(g: torch.Tensor, t: float) -> torch.Tensor:
+    """CAT App. F straight from its definition: sort everything, saturate the n_s largest."""
+    a = g.abs().double()
+    if t >= int((a > 0).sum()):
+        return (a > 0).double()
+    s, order = torch.sort(a, descending=True)
+    for n_s in range(len(s)):
+        tail = s[n_s:].sum()
+        if s[n_s] * (t - n_s) <= tail:
+            break
+    p = torch.ones_like(s)
+    p[n_s:] = torch.clamp(s[n_s:] * (t - n_s) / tail, max=1.0)
+    return torch.empty_like(p).index_put_((order,), p)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31), d=st.integers(1, 300), power=st.sampled_from([1, 5, 9]), ties=st.booleans(), frac=st.floats(0.001, 1.2))
+def test_optimal_probabilities_equal_the_full_sort_definition(seed, d, power, ties, frac):
+    """The partial selection gives the definition's p* (heavy tails, ties, zeros, T near d)."""
+    g = torch.randn(d, generator=torch.Generator().manual_seed(seed)) ** power
+    if ties:
+        g = torch.round(g)
+    t = frac * d
+    assert torch.allclose(optimal_probabilities(g, t), _water_filling_by_full_sort(g, t), rtol=1e-12, atol=1e-12)
+
+
 def test_adaptive_threshold_keeps_residue_and_sends_bin_leaders():
     c = build("adaptive_threshold", bin_size=10)
     x = tensor((100,), 2)

@@ -99,7 +99,7 @@ def encode_symbols(symbols: np.ndarray, alphabet: int, deflate: bool = False) ->
         return header + pack_bits(symbols, width)
     counts = np.bincount(symbols, minlength=alphabet)
     encoder = constriction.stream.queue.RangeEncoder()
-    encoder.encode(symbols.astype(np.int32), _model(counts))
+    encoder.encode(symbols.astype(np.int32, copy=False), _model(counts))
     ranged = _leb128(counts) + encoder.get_compressed().astype("<u4").tobytes()
     raw_size = -(-symbols.size * width // 8)
     if not deflate:  # raw packing is only worth building when it is the one sent
