@@ -41,16 +41,21 @@ def overrides(num_clients: int, rounds: int, dataset: str, backend: str) -> list
     ]
 
 
-def plain_loop(cfg, rounds: int) -> list[float]:
-    """Per-round seconds of the same federated work as plain PyTorch."""
+def plain_loop(cfg, rounds: int, per_round: int | None = None) -> list[float]:
+    """Per-round seconds of the same federated work as plain PyTorch: every client each round,
+    or ``per_round`` of them drawn at random."""
     rt = get_runtime(cfg)
     global_flat = rt.layout.flatten(rt.new_model())
-    shards = [rt.client_indices(c) for c in range(cfg.simulation.num_clients)]
+    n = cfg.simulation.num_clients
+    shards = [rt.client_indices(c) for c in range(n)]
+    rng = torch.Generator().manual_seed(cfg.seed)
     times = []
     for r in range(rounds):
         start = time.perf_counter()
         total, n_total = torch.zeros_like(global_flat), 0
-        for c, indices in enumerate(shards):
+        cohort = range(n) if per_round is None else torch.randperm(n, generator=rng)[:per_round].tolist()
+        for c in cohort:
+            indices = shards[c]
             rt.layout.load(rt.model, global_flat)
             train_local(rt.model, rt.train.x, rt.train.y, indices,
                         generator=torch.Generator().manual_seed(r * 100003 + c), **rt.local_training)

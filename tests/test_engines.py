@@ -170,3 +170,49 @@ def test_back_to_back_runs_in_one_process_do_not_share_server_state(fast_cfg, tm
     for name in ("a", "b"):
         run_experiment(fast_cfg(*STATEFUL), tmp_path / name)
     same_run(tmp_path / "a", tmp_path / "b")
+
+
+def close_runs(a, b, tol=1e-5) -> None:
+    """Same bytes every round; accuracy and losses equal up to float summation order."""
+    for ra, rb in zip(rows(a), rows(b), strict=True):
+        assert (ra["bytes_up"], ra["bytes_down"]) == (rb["bytes_up"], rb["bytes_down"])
+        assert ra.get("accuracy") == pytest.approx(rb.get("accuracy"), abs=2e-3)
+        for ca, cb in zip(ra["clients"].values(), rb["clients"].values(), strict=True):
+            assert ca["train_loss"] == pytest.approx(cb["train_loss"], rel=tol)
+
+
+@pytest.mark.parametrize("extra", [
+    (*STATEFUL, "train.weight_decay=0.001"),
+    (*STATEFUL, "model=cnn4", "model.channels=[4,8]", "model.hidden=16", "train.epochs=1", "train.steps=null", "train.batch_size=64"),
+    ("strategy=hgc", "strategy.ratio=0.05", "strategy.bits=2", "num_rounds=3", "simulation.fraction=0.75"),
+    ("client=fedprox", "num_rounds=2"),
+], ids=["topk-ef-momentum-wd", "cnn4-epoch", "hgc", "fedprox-sequential"])
+def test_batched_matches_inline(fast_cfg, tmp_path, extra):
+    """The cohort trained as one vmapped computation: same bytes, same answers to float tolerance."""
+    run_experiment(fast_cfg(*extra), tmp_path / "inline")
+    run_experiment(fast_cfg(*extra, "simulation.backend=batched"), tmp_path / "batched")
+    close_runs(tmp_path / "inline", tmp_path / "batched")
+
+
+def test_batched_refuses_models_it_cannot_train_alike():
+    from torch import nn
+
+    from fedcomp.fl.batched import check_model
+
+    with pytest.raises(ValueError, match="batch norm"):
+        check_model(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)))
+    with pytest.raises(ValueError, match="dropout"):
+        check_model(nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5)))
+    check_model(nn.Sequential(nn.Conv2d(1, 4, 3), nn.GroupNorm(2, 4)))
+
+
+def test_cohort_training_failure_costs_the_round_not_the_run(fast_cfg, tmp_path, monkeypatch):
+    import fedcomp.fl.batched as batched
+
+    def broken(rt, requests):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(batched, "train_cohort", broken)
+    summary = run_experiment(fast_cfg("simulation.backend=batched"), tmp_path / "run")
+    assert summary["status"] == "ok"
+    assert all(r["failed"] and all("cohort training failed" in f["reason"] for f in r["failed"]) for r in rows(tmp_path / "run"))

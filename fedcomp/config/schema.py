@@ -40,7 +40,8 @@ class SimulationConfig:
     fraction: float = 1.0
     # inline: Flower Messages delivered to the ClientApp in this process (the default);
     # pool: the same, on persistent worker processes training in parallel;
-    # batched: a round's cohort trained as one vmapped computation (plain local SGD);
+    # batched: a round's local training done as one vmapped computation per group of same-shaped
+    # clients (models without batch norm or dropout; client algorithms' hooks train in turn);
     # ray: Flower's simulation engine (one Ray actor per client_cpus).
     backend: str = "inline"
     workers: Optional[int] = None  # pool: worker processes (null: the cores client_cpus threads fill)

@@ -64,9 +64,12 @@ def train_on_client(cfg: DictConfig, msg: Message, context: Context) -> Message:
     start = time.perf_counter()
     received = receive_model(rt, msg.content[M.DOWN], state)
     decode_s = time.perf_counter() - start
+    # Whether the compressor takes the momentum is the round's setting, not the client's state;
+    # the compressor is loaded with this client's state only after training, since under the
+    # batched engine other clients' rounds run while this one waits for its cohort.
+    momentum_taken = rt.compressor("up").take_momentum(float(config[M.MOMENTUM]))
+    result = train_round(rt, received, state, partition_id, seed, config, msg.content.get(M.EXTRA), momentum_taken=momentum_taken)
     up = uplink_compressor(rt, state, seed, config)
-    result = train_round(rt, received, state, partition_id, seed, config, msg.content.get(M.EXTRA),
-                         momentum_taken=up.take_momentum(float(config[M.MOMENTUM])))
     start = time.perf_counter()
     payload = up.compress(result.update)
     encode_s = time.perf_counter() - start

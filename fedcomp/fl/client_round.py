@@ -5,7 +5,6 @@ compressor loaded with that state, and local training from a received model.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,7 +15,8 @@ from omegaconf import DictConfig
 from fedcomp.compression import Compressor
 from fedcomp.fl import messages as M
 from fedcomp.fl.client_state import ClientState
-from fedcomp.fl.local import local_steps, mean_gradient_sq_norm, samples_trained, train_local
+from fedcomp.fl.cohort import TrainingRequest, local_training
+from fedcomp.fl.local import local_steps, mean_gradient_sq_norm, samples_trained
 from fedcomp.fl.runtime import Runtime
 
 
@@ -86,7 +86,6 @@ def train_round(
     momentum and the client algorithm's gradient hook (given the server's ``down_extras``).
     ``momentum_taken``: the uplink compressor applies the momentum itself (DGC's momentum
     correction), so local SGD runs without it."""
-    rt.layout.load(rt.model, w)
     momentum = 0.0 if momentum_taken else float(config[M.MOMENTUM])
     training = {**rt.local_training, "lr": float(config[M.LR]), "momentum": momentum}
     buffers = (state.get(M.OPT_STATE) or {}) if rt.cfg.train.optimizer_state == "persistent" else None
@@ -95,16 +94,13 @@ def train_round(
     n = len(indices)
     steps = local_steps(n, epochs=training["epochs"], steps=training["steps"], batch_size=training["batch_size"])
     hook = rt.algorithm.grad_hook(rt.model, rt.layout, w, state, extras)
-    start = time.perf_counter()
-    loss = train_local(rt.model, rt.train.x, rt.train.y, indices, generator=torch.Generator().manual_seed(seed),
-                       momentum_buffers=buffers, grad_hook=hook, **training)
-    compute_s = time.perf_counter() - start
+    result = local_training(rt, TrainingRequest(w, indices, seed, training, buffers), hook)
     if buffers is not None:
         state.put(M.OPT_STATE, buffers)
-    update = rt.flat_model() - w
+    update = result.trained - w
     samples = samples_trained(n, epochs=training["epochs"], steps=training["steps"], batch_size=training["batch_size"])
     up_extras = rt.algorithm.encode(rt.algorithm.client_extras(update, state, extras, steps, training["lr"]))
-    return LocalResult(update, loss, compute_s, n, samples, mean_gradient_sq_norm(update, n, training), up_extras)
+    return LocalResult(update, result.loss, result.compute_s, n, samples, mean_gradient_sq_norm(update, n, training), up_extras)
 
 
 def client_seed(cfg: DictConfig, config: ConfigRecord, partition_id: int) -> int:

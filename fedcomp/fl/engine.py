@@ -24,18 +24,18 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
-import torch
 from omegaconf import DictConfig
 
 from fedcomp.fl.client_app import make_client_app
 from fedcomp.fl.client_state import ResidentContext, client_state
-from fedcomp.fl.state_store import StateStore
 from fedcomp.fl.server_app import make_server_app, run_server
+from fedcomp.fl.state_store import StateStore
 
 SERVER_NODE_ID = 1  # Flower's SUPERLINK_NODE_ID
 log = logging.getLogger("fedcomp")

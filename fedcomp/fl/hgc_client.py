@@ -39,7 +39,6 @@ from fedcomp.hgc.quantizer import dequantize_segments, quantize_segments
 from fedcomp.hgc.segments import Segments
 from fedcomp.hgc.settings import HGCSettings
 
-
 # Record fields that are not inputs of ``synchronise`` (this round's instructions, and the tag,
 # checked before).
 _ROUND_FIELDS = frozenset(("phase", "ratio", "mask", M.TAG))

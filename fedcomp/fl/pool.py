@@ -33,6 +33,7 @@ import traceback
 from collections.abc import Iterable
 from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
+
 import numpy as np
 import torch
 from flwr.app import Error, Message
@@ -45,7 +46,15 @@ from fedcomp.config.plugins import import_plugins
 from fedcomp.fl.checkpoint import pack_snapshots, unpack_snapshots
 from fedcomp.fl.client_app import make_client_app
 from fedcomp.fl.client_state import client_state
-from fedcomp.fl.engine import SERVER_NODE_ID, ClientSnapshot, LocalGrid, call_client_app, declare_server_task, resident_context, state_store
+from fedcomp.fl.engine import (
+    SERVER_NODE_ID,
+    ClientSnapshot,
+    LocalGrid,
+    call_client_app,
+    declare_server_task,
+    resident_context,
+    state_store,
+)
 from fedcomp.fl.local import samples_trained
 from fedcomp.fl.runtime import get_runtime
 

@@ -55,6 +55,16 @@ class StateStore:
         self.resident_bytes = 0
         self.spilled_bytes = 0  # written to disk so far (a measure of the budget's cost)
 
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of every client tensor held, in memory or spilled (shared storages once)."""
+        return sum(slot.nbytes for slot in self._slots.values())
+
+    @property
+    def owners(self) -> int:
+        """Clients holding any state."""
+        return sum(1 for groups in self._groups.values() if groups)
+
     # -- groups ---------------------------------------------------------------------------------
     def names(self, owner: object) -> list[str]:
         return list(self._groups.get(owner, {}))

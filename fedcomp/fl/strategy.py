@@ -49,6 +49,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedcomp.allocation.controllers import History, RatioController
 from fedcomp.compression import Compressor, build
+from fedcomp.compression.base import all_finite
 from fedcomp.config.checks import check_signature
 from fedcomp.config.schema import ConfigError
 from fedcomp.fl import messages as M
@@ -238,7 +239,7 @@ class CompressedFedAvg(Strategy):
     def divergence(self, stats: RoundStats) -> str | None:
         """Why training has diverged, if it has: the model is no longer finite, or every client
         of a round sent non-finite numbers. A diverged run stops; its metrics are kept."""
-        if not bool(torch.isfinite(self._global).all()):
+        if not all_finite(self._global):
             return "the global model has NaN/Inf entries"
         non_finite = ("NaN", "non-finite")
         if stats.skipped and stats.failures and all(any(w in f.reason for w in non_finite) for f in stats.failures):
@@ -401,7 +402,7 @@ class CompressedFedAvg(Strategy):
             update = self.up.decompress(payload, (self.d,), torch.float32)
         except (PayloadError, ValueError) as exc:
             raise ClientFault(f"undecodable update: {exc}") from None
-        if not bool(torch.isfinite(update).all()):
+        if not all_finite(update):
             raise ClientFault("update has NaN/Inf entries")
         return update
 

@@ -1,0 +1,161 @@
+"""Speed and memory at the scale of pfl-research's benchmark, on real FashionMNIST.
+
+1000 clients x 60 samples (IID), 50 sampled per round, batch 10, one local epoch (6 steps),
+lr 0.05; models mlp and cnn4; methods FedAvg, top-k 1% with error feedback, HGC (0.1%, 1 bit).
+Each engine (inline, pool, batched; ray on request) runs R rounds in a fresh process; its
+per-round time is the median over rounds 2..R-1 (round 1 warms up, the last evaluates) and is
+reported over the *plain loop*: the same 50 clients' training as a sequential PyTorch loop
+with no Flower, no compression, on the same machine and threads. Peak RSS is the cell
+process's (pool: plus its largest worker's); state MB/client is the client-state store's bytes
+over the clients holding state (fedcomp's in-process engines).
+
+``--memory`` adds the 1000-client memory cells: every client trains every round (fraction 1)
+for two rounds, cnn4, HGC and top-k + EF, inline; the issue's target is 8 GB RSS.
+
+    python benchmarks/scale.py [--models mlp cnn4] [--engines inline pool batched] [--rounds 6] [--memory]
+
+Prints a table and writes benchmarks/results/scale.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from overhead import fedcomp_rounds, plain_loop
+
+RESULTS = Path(__file__).parent / "results" / "scale.json"
+METHODS = {
+    "fedavg": ["compressor=none"],
+    "topk1%+ef": ["compressor=topk", "compressor.up.ratio=0.01", "compressor.up.error_feedback=true"],
+    "hgc": ["strategy=hgc", "strategy.ratio=0.001", "strategy.bits=1", "strategy.warmup_rounds=0"],
+}
+
+
+def overrides(model: str, method: str, engine: str, rounds: int, fraction: float = 0.05) -> list[str]:
+    return [
+        "dataset=fmnist", "partition=iid", f"model={model}", "simulation.num_clients=1000", f"simulation.fraction={fraction}",
+        f"num_rounds={rounds}", "train.epochs=1", "train.steps=null", "train.batch_size=10", "train.lr=0.05",
+        f"eval_every={10**6}", "progress=false", f"simulation.backend={'inline' if engine == 'plain' else engine}",
+        *([] if engine == "plain" else METHODS[method]),
+    ]
+
+
+def peak_rss_mb() -> tuple[float, float]:
+    """This process's and its largest child's peak resident set (Linux reports KiB)."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return own, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+
+def cell(model: str, method: str, engine: str, rounds: int, fraction: float) -> dict:
+    """One measurement, in this (fresh) process."""
+    from fedcomp.config import compose_config
+
+    cfg = compose_config(overrides(model, method, engine, rounds, fraction))
+    out: dict = {"model": model, "method": method, "engine": engine, "threads": torch.get_num_threads()}
+    if engine == "plain":
+        per_round = plain_loop(cfg, rounds, per_round=round(fraction * 1000))
+        out["round_s"] = statistics.median(per_round[1:-1])
+    elif engine in ("inline", "batched"):
+        out.update(_in_process(cfg, engine))
+    else:
+        per_round, total = fedcomp_rounds(cfg)
+        out["round_s"], out["startup_s"] = statistics.median(per_round[1:-1]), total - sum(per_round)
+    out["rss_mb"], out["child_rss_mb"] = peak_rss_mb()
+    return out
+
+
+def _in_process(cfg, engine: str) -> dict:
+    """Run on a grid built here, so the client-state store can be read afterwards."""
+    from fedcomp.fl.batched import BatchedGrid
+    from fedcomp.fl.client_app import make_client_app
+    from fedcomp.fl.engine import InlineGrid, client_threads, declare_server_task, state_store
+    from fedcomp.fl.server_app import run_server
+
+    declare_server_task(1)
+    client_threads(cfg.simulation)
+    grid = BatchedGrid(cfg) if engine == "batched" else InlineGrid(make_client_app(cfg), cfg.simulation.num_clients, store=state_store(cfg.simulation))
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        run_server(grid, cfg, tmp, False)
+        total = time.perf_counter() - start
+        wall = [json.loads(line)["wall_time_s"] for line in Path(tmp, "metrics.jsonl").read_text().splitlines()]
+    per_round = [b - a for a, b in zip([0.0] + wall, wall)]
+    holders = grid.store.owners
+    result = {"round_s": statistics.median(per_round[1:-1]) if len(per_round) > 2 else per_round[-1], "startup_s": total - sum(per_round),
+              "state_mb_per_client": grid.store.state_bytes / max(holders, 1) / 2**20, "clients_with_state": holders,
+              "state_gb": grid.store.state_bytes / 2**30}
+    grid.close()
+    return result
+
+
+def run_cell(*args) -> dict:
+    """``cell`` in a fresh process (clean RSS, no runtime caches shared between cells)."""
+    proc = subprocess.run([sys.executable, __file__, "--cell", json.dumps(args)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if proc.returncode:
+        return {"model": args[0], "method": args[1], "engine": args[2], "error": proc.stderr.strip().splitlines()[-1:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="+", default=["mlp", "cnn4"])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--engines", nargs="+", default=["inline", "pool", "batched"], choices=["inline", "pool", "batched", "ray"])
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--memory", action="store_true", help="also the 1000-client memory cells")
+    ap.add_argument("--cell", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.cell:
+        print(json.dumps(cell(*json.loads(args.cell))))
+        return
+    assert args.rounds >= 3, "need rounds 2..R-1"
+    rows = []
+    for model in args.models:
+        plain = run_cell(model, "fedavg", "plain", args.rounds, 0.05)
+        print(_format(plain, plain), flush=True)
+        rows.append(plain)
+        for method in args.methods:
+            for engine in args.engines:
+                row = run_cell(model, method, engine, args.rounds, 0.05)
+                if "round_s" in row:
+                    row["over_plain"] = row["round_s"] / plain["round_s"]
+                rows.append(row)
+                print(_format(row, plain), flush=True)
+    memory = []
+    if args.memory:
+        for method in ("hgc", "topk1%+ef"):
+            row = run_cell("cnn4", method, "inline", 2, 1.0)
+            memory.append(row)
+            print(f"memory: cnn4 {method} 1000 clients all training: peak RSS {row.get('rss_mb', float('nan')) / 1024:.2f} GB, "
+                  f"state {row.get('state_gb', float('nan')):.2f} GB ({row.get('state_mb_per_client', float('nan')):.2f} MB/client) {row.get('error', '')}", flush=True)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({
+        "setting": "FashionMNIST, 1000 clients x 60 (IID), 50 per round, batch 10, 1 local epoch, lr 0.05",
+        "rounds": args.rounds, "machine": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+        "rows": rows, "memory": memory,
+    }, indent=2))
+    print(f"wrote {RESULTS}")
+
+
+def _format(row: dict, plain: dict) -> str:
+    if "error" in row:
+        return f"{row['model']:>5} {row['method']:>10} {row['engine']:>8}  failed: {row['error']}"
+    extra = f" | state {row['state_mb_per_client']:.2f} MB/client" if "state_mb_per_client" in row else ""
+    return (f"{row['model']:>5} {row['method']:>10} {row['engine']:>8} {row['round_s'] * 1e3:9.1f} ms/round "
+            f"{row['round_s'] / plain['round_s']:6.2f}x plain | RSS {row['rss_mb']:7.0f} MB (worker {row['child_rss_mb']:5.0f}){extra}")
+
+
+if __name__ == "__main__":
+    main()

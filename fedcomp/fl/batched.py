@@ -1,0 +1,209 @@
+"""The batched engine (``simulation.backend=batched``): a round's cohort trained as one
+vmapped computation.
+
+``BatchedGrid`` delivers a round's Messages to the same ClientApp as the inline engine, each
+client's round in a thread of its own and only one thread running at a time (so the order of
+everything a client does is the inline engine's). A client's round parks at local training
+(``fedcomp.fl.cohort``); when all have parked, ``train_cohort`` trains them together, and the
+rounds resume one by one to compress and reply. Payloads therefore go through the same
+compressors and state as on every engine.
+
+``train_cohort`` groups requests that take the same steps (shard size, batch size, epochs or
+steps, learning rate, momentum, weight decay, whether momentum is carried) and runs each group
+with ``torch.func``: per-client parameters stacked on a leading axis, per-client batches drawn
+from each client's own generator exactly as ``train_local`` draws them, ``vmap(grad)`` for the
+gradients and ``LocalSGD``'s update arithmetic on the stacked tensors. Results equal the
+sequential ones up to floating-point summation order inside the batched kernels.
+
+Supported: models without buffers or randomness in training (no batch norm, no dropout:
+``check_model``); client algorithms with a gradient hook (FedProx, SCAFFOLD) and HGC rounds
+train sequentially inside the same round.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import Message
+from omegaconf import DictConfig
+from torch import nn
+from torch.func import functional_call, grad_and_value, vmap
+
+from fedcomp.fl.client_app import make_client_app
+from fedcomp.fl.cohort import TrainingRequest, set_parking
+from fedcomp.fl.engine import InlineGrid, call_client_app, client_threads, declare_server_task, state_store
+from fedcomp.fl.local import local_steps
+from fedcomp.fl.runtime import Runtime, get_runtime
+from fedcomp.fl.server_app import run_server
+
+
+def check_model(model: nn.Module) -> None:
+    """Refuse models the cohort cannot train as the sequential loop does."""
+    if any(True for _ in model.buffers()):
+        raise ValueError("the batched engine needs a model without buffers (batch norm keeps running statistics per client); "
+                         "use model.norm=group or another backend")
+    if any(isinstance(m, nn.modules.dropout._DropoutNd) for m in model.modules()):
+        raise ValueError("the batched engine cannot draw dropout masks as the sequential loop does; use another backend")
+
+
+def _batches(request: TrainingRequest) -> list[torch.Tensor]:
+    """The sample indices of each of the request's steps, drawn as ``train_local`` draws them."""
+    t = request.training
+    n = len(request.indices)
+    total = local_steps(n, epochs=t["epochs"], steps=t["steps"], batch_size=t["batch_size"])
+    generator = torch.Generator().manual_seed(request.seed)
+    out: list[torch.Tensor] = []
+    while len(out) < total:
+        perm = torch.randperm(n, generator=generator)
+        for start in range(0, n, t["batch_size"]):
+            if len(out) == total:
+                break
+            out.append(request.indices[perm[start : start + t["batch_size"]]])
+    return out
+
+
+def _group_key(request: TrainingRequest) -> tuple:
+    t = request.training
+    carried = request.buffers is not None and t["momentum"] > 0
+    held = tuple(sorted(request.buffers)) if carried else ()
+    return (len(request.indices), t["epochs"], t["steps"], t["batch_size"], t["lr"], t["momentum"], t["weight_decay"], carried, held)
+
+
+def train_cohort(rt: Runtime, requests: list[TrainingRequest]) -> None:
+    """Fill every request's result, each group of same-shaped requests as one computation."""
+    groups: dict[tuple, list[TrainingRequest]] = {}
+    for request in requests:
+        groups.setdefault(_group_key(request), []).append(request)
+    for group in groups.values():
+        start = time.perf_counter()
+        _train_group(rt, group)
+        share = (time.perf_counter() - start) / len(group)
+        for request in group:
+            request.compute_s = share
+
+
+def _train_group(rt: Runtime, group: list[TrainingRequest]) -> None:
+    model, layout, device = rt.model, rt.layout, rt.device
+    model.train()
+    t = group[0].training
+    lr, momentum, weight_decay = t["lr"], t["momentum"], t["weight_decay"]
+    names = [name for name, _ in model.named_parameters()]
+    carried = group[0].buffers is not None and momentum > 0
+    flats = torch.stack([r.w for r in group]).to(device)
+    params = {name: chunk.reshape(len(group), *shape).clone()
+              for name, chunk, shape in zip(layout.names, torch.split(flats, layout.sizes, dim=1), layout.shapes)}
+    buffers = {name: torch.stack([r.buffers[name] for r in group]).to(device) for name in names
+               if carried and name in group[0].buffers}
+    steps = list(zip(*[_batches(r) for r in group]))  # per step, each client's batch indices
+
+    def loss_of(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(functional_call(model, p, (x,)), y)
+
+    grads_and_losses = vmap(grad_and_value(loss_of))
+    loss_sum = torch.zeros(len(group), device=device)
+    x, y = rt.train.x, rt.train.y
+    with torch.no_grad():
+        for batch in steps:
+            idx = torch.stack(batch).to(device)
+            with torch.enable_grad():
+                grads, losses = grads_and_losses(params, x[idx], y[idx])
+            for name in names:
+                p, d = params[name], grads[name]
+                if weight_decay != 0:
+                    d = d.add(p, alpha=weight_decay)
+                if momentum != 0:
+                    if name in buffers:
+                        d = buffers[name].mul_(momentum).add_(d)
+                    else:
+                        d = buffers[name] = torch.clone(d)
+                p.add_(d, alpha=-lr)
+            loss_sum += losses
+    trained = torch.cat([params[name].reshape(len(group), -1) for name in layout.names], dim=1).cpu()
+    for i, request in enumerate(group):
+        request.trained = trained[i]
+        request.loss = float(loss_sum[i]) / max(len(steps), 1)
+        if carried:
+            for name, buf in buffers.items():
+                request.buffers[name] = buf[i].cpu().clone()
+
+
+class BatchedGrid(InlineGrid):
+    """The inline Grid with each round's local training done by ``train_cohort``."""
+
+    def __init__(self, cfg: DictConfig, run_id: int = 1) -> None:
+        self.rt = get_runtime(cfg)
+        check_model(self.rt.model)
+        super().__init__(make_client_app(cfg), cfg.simulation.num_clients, run_id=run_id, store=state_store(cfg.simulation))
+
+    def push_messages(self, messages: Any) -> list[str]:
+        messages = list(messages)
+        for msg in messages:
+            if msg.metadata.dst_node_id not in self._contexts:
+                raise ValueError(f"no node {msg.metadata.dst_node_id}")
+            self.assign_id(msg)
+        replies = _Turns().run([lambda m=msg: call_client_app(self._app, m, self._contexts[m.metadata.dst_node_id]) for msg in messages],
+                               lambda requests: train_cohort(self.rt, requests))
+        for msg, reply in zip(messages, replies):
+            self._replies[msg.metadata.message_id] = reply
+        return [msg.metadata.message_id for msg in messages]
+
+
+class _Turns:
+    """Runs jobs in threads strictly one at a time: each job runs until it finishes or parks a
+    training request; once all have, ``train`` serves the parked requests and the parked jobs
+    resume in order."""
+
+    def __init__(self) -> None:
+        self._yielded = threading.Semaphore(0)
+        self._parked: list[tuple[threading.Semaphore, TrainingRequest]] = []
+        self._failure: Exception | None = None
+
+    def run(self, jobs: list, train) -> list[Message]:
+        results: list[Message | None] = [None] * len(jobs)
+        threads = []
+        for i, job in enumerate(jobs):
+            thread = threading.Thread(target=self._job, args=(i, job, results), daemon=True)
+            threads.append(thread)
+            thread.start()
+            self._yielded.acquire()  # it parked or finished: the next one may start
+        parked, self._parked = self._parked, []
+        if parked:
+            try:
+                train([request for _, request in parked])
+            except Exception as exc:  # noqa: BLE001 -- the cohort's clients fail their round, not the run
+                self._failure = exc
+        for resume, _ in parked:
+            resume.release()
+            self._yielded.acquire()
+        for thread in threads:
+            thread.join()
+        return results
+
+    def _job(self, i: int, job, results: list) -> None:
+        def park(request: TrainingRequest) -> None:
+            resume = threading.Semaphore(0)
+            self._parked.append((resume, request))
+            self._yielded.release()
+            resume.acquire()
+            if self._failure is not None:
+                raise RuntimeError(f"cohort training failed: {self._failure}") from self._failure
+
+        set_parking(park)
+        try:
+            results[i] = job()
+        finally:
+            self._yielded.release()
+
+
+def run_batched(cfg: DictConfig, out_dir: str | Path, run_id: int = 1, resume: bool = False) -> dict[str, Any]:
+    declare_server_task(run_id)
+    client_threads(cfg.simulation)
+    grid = BatchedGrid(cfg, run_id)
+    try:
+        return run_server(grid, cfg, out_dir, resume)
+    finally:
+        grid.close()

@@ -1,0 +1,63 @@
+"""Where a client's local training runs: in place, or handed to a cohort trainer.
+
+``local_training`` is the one call a client round makes to train. Normally it trains the
+process's scratch model in place. The batched engine (``fedcomp.fl.batched``) runs each
+client's round in a thread of its own, one thread at a time, with a *parking* function set for
+that thread: the round then hands its training request over and waits, and once every client
+of the round has done so the engine trains all of them as one computation and resumes them
+one by one. Everything before and after training (decoding, state, compression) is the same
+ClientApp code on every engine.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fedcomp.fl.local import train_local
+from fedcomp.fl.runtime import Runtime
+
+
+@dataclass
+class TrainingRequest:
+    """One client's local training: from flat parameters ``w``, on ``indices``, batches drawn
+    from ``seed``; ``training`` is ``train_local``'s keyword arguments and ``buffers`` the
+    persistent momentum buffers (updated in place) or None."""
+
+    w: torch.Tensor
+    indices: torch.Tensor
+    seed: int
+    training: dict
+    buffers: dict[str, torch.Tensor] | None
+    trained: torch.Tensor | None = None  # flat parameters after training (CPU)
+    loss: float = 0.0
+    compute_s: float = 0.0
+
+
+_thread = threading.local()
+
+
+def set_parking(park: Callable[[TrainingRequest], None] | None) -> None:
+    """Route this thread's hook-free training requests to ``park`` (None: train in place)."""
+    _thread.park = park
+
+
+def local_training(rt: Runtime, request: TrainingRequest, grad_hook: Callable[[nn.Module], None] | None) -> TrainingRequest:
+    """Fill ``request``'s result. Requests with a gradient hook (client algorithms) always train
+    in place: the hook works on the scratch model."""
+    park = getattr(_thread, "park", None)
+    if park is not None and grad_hook is None:
+        park(request)
+        return request
+    rt.layout.load(rt.model, request.w)
+    start = time.perf_counter()
+    request.loss = train_local(rt.model, rt.train.x, rt.train.y, request.indices, generator=torch.Generator().manual_seed(request.seed),
+                               momentum_buffers=request.buffers, grad_hook=grad_hook, **request.training)
+    request.compute_s = time.perf_counter() - start
+    request.trained = rt.flat_model()
+    return request
