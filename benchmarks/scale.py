@@ -9,8 +9,10 @@ with no Flower, no compression, on the same machine and threads. Peak RSS is the
 process's (pool: plus its largest worker's); state MB/client is the client-state store's bytes
 over the clients holding state (fedcomp's in-process engines).
 
-``--memory`` adds the 1000-client memory cells: every client trains every round (fraction 1)
-for two rounds, cnn4, HGC and top-k + EF, inline; the issue's target is 8 GB RSS.
+``--memory`` adds the 1000-client memory cells (``--memory-only``: just those); ``--update``
+keeps the cells of the results file that are not run again. Memory cells: every client
+trains every round (fraction 1) for two rounds, cnn4, inline, HGC and top-k + EF as they are,
+with bf16 error feedback and with a state memory budget; the issue's target is 8 GB RSS.
 
     python benchmarks/scale.py [--models mlp cnn4] [--engines inline pool batched] [--rounds 6] [--memory]
 
@@ -35,6 +37,10 @@ import torch
 from overhead import fedcomp_rounds, plain_loop
 
 RESULTS = Path(__file__).parent / "results" / "scale.json"
+MEMORY_CELLS = (  # (method, extra overrides): cnn4, 1000 clients, every client every round
+    ("hgc", ()), ("hgc", ("simulation.ef_dtype=bfloat16",)), ("hgc", ("simulation.state_memory_gb=4",)),
+    ("topk1%+ef", ()), ("topk1%+ef", ("simulation.state_memory_gb=2",)),
+)
 METHODS = {
     "fedavg": ["compressor=none"],
     "topk1%+ef": ["compressor=topk", "compressor.up.ratio=0.01", "compressor.up.error_feedback=true"],
@@ -42,12 +48,12 @@ METHODS = {
 }
 
 
-def overrides(model: str, method: str, engine: str, rounds: int, fraction: float = 0.05) -> list[str]:
+def overrides(model: str, method: str, engine: str, rounds: int, fraction: float = 0.05, extra: tuple[str, ...] = ()) -> list[str]:
     return [
         "dataset=fmnist", "partition=iid", f"model={model}", "simulation.num_clients=1000", f"simulation.fraction={fraction}",
         f"num_rounds={rounds}", "train.epochs=1", "train.steps=null", "train.batch_size=10", "train.lr=0.05",
         f"eval_every={10**6}", "progress=false", f"simulation.backend={'inline' if engine == 'plain' else engine}",
-        *([] if engine == "plain" else METHODS[method]),
+        *([] if engine == "plain" else METHODS[method]), *extra,
     ]
 
 
@@ -57,12 +63,12 @@ def peak_rss_mb() -> tuple[float, float]:
     return own, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
 
-def cell(model: str, method: str, engine: str, rounds: int, fraction: float) -> dict:
+def cell(model: str, method: str, engine: str, rounds: int, fraction: float, extra: tuple[str, ...] = ()) -> dict:
     """One measurement, in this (fresh) process."""
     from fedcomp.config import compose_config
 
-    cfg = compose_config(overrides(model, method, engine, rounds, fraction))
-    out: dict = {"model": model, "method": method, "engine": engine, "threads": torch.get_num_threads()}
+    cfg = compose_config(overrides(model, method, engine, rounds, fraction, tuple(extra)))
+    out: dict = {"model": model, "method": method, "engine": engine, "threads": torch.get_num_threads(), "extra": list(extra)}
     if engine == "plain":
         per_round = plain_loop(cfg, rounds, per_round=round(fraction * 1000))
         out["round_s"] = statistics.median(per_round[1:-1])
@@ -115,31 +121,36 @@ def main() -> None:
     ap.add_argument("--engines", nargs="+", default=["inline", "pool", "batched"], choices=["inline", "pool", "batched", "ray"])
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--memory", action="store_true", help="also the 1000-client memory cells")
+    ap.add_argument("--memory-only", action="store_true", help="only the memory cells (with --update: those not in the results file yet)")
+    ap.add_argument("--update", action="store_true", help="keep the results file's other cells, replace the ones run now")
     ap.add_argument("--cell", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.cell:
         print(json.dumps(cell(*json.loads(args.cell))))
         return
     assert args.rounds >= 3, "need rounds 2..R-1"
-    rows = []
-    for model in args.models:
+    previous = json.loads(RESULTS.read_text()) if args.update and RESULTS.is_file() else {"rows": [], "memory": []}
+    rows: dict[tuple, dict] = {(r["model"], r["method"], r["engine"]): r for r in previous["rows"]}
+    for model in [] if args.memory_only else args.models:
         plain = run_cell(model, "fedavg", "plain", args.rounds, 0.05)
         print(_format(plain, plain), flush=True)
-        rows.append(plain)
+        rows[model, "fedavg", "plain"] = plain
         for method in args.methods:
             for engine in args.engines:
                 row = run_cell(model, method, engine, args.rounds, 0.05)
-                if "round_s" in row:
-                    row["over_plain"] = row["round_s"] / plain["round_s"]
-                rows.append(row)
+                if "round_s" in row:  # against the plain loop measured in the same invocation
+                    row["plain_round_s"], row["over_plain"] = plain["round_s"], row["round_s"] / plain["round_s"]
+                rows[model, method, engine] = row
                 print(_format(row, plain), flush=True)
+    done = {(r["method"], tuple(r.get("extra", ()))): r for r in previous["memory"] if "error" not in r}
     memory = []
-    if args.memory:
-        for method in ("hgc", "topk1%+ef"):
-            row = run_cell("cnn4", method, "inline", 2, 1.0)
+    if args.memory or args.memory_only:
+        for method, extra in MEMORY_CELLS:
+            row = done.get((method, extra)) or run_cell("cnn4", method, "inline", 2, 1.0, extra)
             memory.append(row)
-            print(f"memory: cnn4 {method} 1000 clients all training: peak RSS {row.get('rss_mb', float('nan')) / 1024:.2f} GB, "
+            print(f"memory: cnn4 {method} {' '.join(extra)} 1000 clients all training: peak RSS {row.get('rss_mb', float('nan')) / 1024:.2f} GB, "
                   f"state {row.get('state_gb', float('nan')):.2f} GB ({row.get('state_mb_per_client', float('nan')):.2f} MB/client) {row.get('error', '')}", flush=True)
+    rows = list(rows.values())
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({
         "setting": "FashionMNIST, 1000 clients x 60 (IID), 50 per round, batch 10, 1 local epoch, lr 0.05",

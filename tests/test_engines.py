@@ -216,3 +216,19 @@ def test_cohort_training_failure_costs_the_round_not_the_run(fast_cfg, tmp_path,
     summary = run_experiment(fast_cfg("simulation.backend=batched"), tmp_path / "run")
     assert summary["status"] == "ok"
     assert all(r["failed"] and all("cohort training failed" in f["reason"] for f in r["failed"]) for r in rows(tmp_path / "run"))
+
+
+def test_pool_sends_a_value_shared_by_several_messages_once():
+    from fedcomp.fl.engine import declare_server_task
+    from fedcomp.fl.pool import _deserialise_batch, _serialise_batch
+
+    declare_server_task(1)
+    big, own = bytes(range(256)) * 1024, b"\x07" * 100_000
+    batch = [Message(RecordDict({"down": ConfigRecord({"payload": big, "n": i}), "mine": ConfigRecord({"p": own if i == 0 else b"small"})}),
+                     dst_node_id=2 + i, message_type="train") for i in range(3)]
+    blobs = _serialise_batch(batch)
+    assert sum(len(b) for b in blobs) < len(big) + len(own) + 10_000  # big once, not three times
+    assert batch[1].content["down"]["payload"] is big  # the server's messages are left as they were
+    rebuilt = _deserialise_batch(blobs)
+    assert [(m.content["down"]["payload"], m.content["down"]["n"], m.content["mine"]["p"]) for m in rebuilt] == \
+        [(big, 0, own), (big, 1, b"small"), (big, 2, b"small")]

@@ -9,7 +9,8 @@ by client work (samples trained per round, largest first, to the least-loaded wo
 fixed for the run.
 
 The server's Messages are Flower Messages, serialised as Flower's engines serialise them
-(protobuf) on the way to a worker and back; a round's messages are sent to every worker at
+(protobuf) on the way to a worker and back, a large value that several of a worker's messages
+share (the broadcast model, HGC's relay and resync) copied once; a round's messages are sent to every worker at
 once and the replies returned in the order the messages were pushed. A client's work depends
 only on its message, its state and its seed, so results are bit-identical to the inline
 engine for any number of workers (tested) when both train at the same thread count.
@@ -60,6 +61,8 @@ from fedcomp.fl.runtime import get_runtime
 
 log = logging.getLogger("fedcomp")
 _COUNT = struct.Struct("<I")
+_SHARED_MIN = 1 << 16  # bytes values from this size on travel once per batch when several messages carry them
+_REF = b"\x00fedcomp-pool-shared\x00"  # a reference to one of them (the server's messages never hold it)
 
 
 def available_cores() -> int:
@@ -98,6 +101,47 @@ def _recv(conn: Connection) -> tuple[str, list[bytes]]:
     return head[: -_COUNT.size].decode(), [conn.recv_bytes() for _ in range(n)]
 
 
+def _serialise_batch(batch: list[Message]) -> list[bytes]:
+    """A batch of messages as blobs: a count, then each large bytes value that several of the
+    messages carry (the same object: a broadcast, HGC's relay or resync), once, then the
+    messages with those values replaced by references. What a worker rebuilds is the same
+    Messages; only the copies between processes go."""
+    places: dict[int, list[tuple]] = {}
+    values: dict[int, bytes] = {}
+    for msg in batch:
+        for record in msg.content.config_records.values():
+            for key, value in record.items():
+                if isinstance(value, bytes) and len(value) >= _SHARED_MIN:
+                    places.setdefault(id(value), []).append((record, key))
+                    values[id(value)] = value
+    shared = [i for i, where in places.items() if len(where) > 1]
+    for n, i in enumerate(shared):
+        for record, key in places[i]:
+            record[key] = _REF + _COUNT.pack(n)
+    try:
+        blobs = [message_to_proto(m).SerializeToString() for m in batch]
+    finally:
+        for i in shared:
+            for record, key in places[i]:
+                record[key] = values[i]
+    return [_COUNT.pack(len(shared)), *(values[i] for i in shared), *blobs]
+
+
+def _deserialise_batch(blobs: list[bytes]) -> list[Message]:
+    """Inverse of :func:`_serialise_batch`."""
+    (n,) = _COUNT.unpack(blobs[0])
+    shared = blobs[1 : 1 + n]
+    out = []
+    for blob in blobs[1 + n :]:
+        msg = message_from_proto(ProtoMessage.FromString(blob))
+        for record in msg.content.config_records.values():
+            for key, value in list(record.items()):
+                if isinstance(value, bytes) and len(value) == len(_REF) + _COUNT.size and value.startswith(_REF):
+                    record[key] = shared[_COUNT.unpack_from(value, len(_REF))[0]]
+        out.append(msg)
+    return out
+
+
 def _worker(conn: Connection) -> None:
     """A worker's life: build the runtime, then answer the parent's requests until "stop"."""
     _, (setup,) = _recv(conn)
@@ -123,10 +167,8 @@ def _worker(conn: Connection) -> None:
             store.close()
             return
         if kind == "train":
-            replies = []
-            for blob in blobs:
-                msg = message_from_proto(ProtoMessage.FromString(blob))
-                replies.append(message_to_proto(call_client_app(app, msg, contexts[msg.metadata.dst_node_id])).SerializeToString())
+            replies = [message_to_proto(call_client_app(app, msg, contexts[msg.metadata.dst_node_id])).SerializeToString()
+                       for msg in _deserialise_batch(blobs)]
             _send(conn, "replies", replies)
         elif kind == "snapshot":
             _send(conn, "states", pack_snapshots({n: client_state(c).snapshot() for n, c in contexts.items()}))
@@ -211,7 +253,7 @@ class PoolGrid(LocalGrid):
         for w, batch in by_worker.items():  # every worker starts before any reply is awaited
             if w not in self._dead:
                 try:
-                    _send(self._conns[w], "train", [message_to_proto(m).SerializeToString() for m in batch])
+                    _send(self._conns[w], "train", _serialise_batch(batch))
                 except (BrokenPipeError, OSError):
                     self._dead.add(w)
         for w, batch in by_worker.items():
