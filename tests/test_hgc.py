@@ -285,3 +285,13 @@ def test_hgc_learns_with_partial_participation(fast_cfg, tmp_path):
 
     summary = run_inline(fast_cfg("strategy=hgc", "strategy.ratio=0.05", "num_rounds=6", "simulation.fraction=0.5", "train.steps=5"), tmp_path)
     assert summary["final_accuracy"] > summary["initial_accuracy"]
+
+
+def test_out_of_sync_clients_get_one_resync_payload_object(fast_cfg):
+    """However many clients need a resync, the server encodes it once per version and sends
+    the same object (memory and encode time once, not per client)."""
+    strategy, _ = run_hgc(fast_cfg, 2, "simulation.fraction=0.5")
+    stale = [n for n in strategy._partition_of if not strategy._in_sync(n)]
+    assert len(stale) >= 2
+    first, second = (strategy._record(n, "member", 0.02, None)[M.PAYLOAD] for n in stale[:2])
+    assert first is second

@@ -97,6 +97,7 @@ class HGCStrategy(CompressedFedAvg):
         self._owner_arrival: Arrival | None = None
         self._shared: torch.Tensor | None = None  # the round's shared mask, once the owner's payload is in
         self._phase1: set[int] = set()  # nodes asked to own this round's mask
+        self._sync_cache: tuple[int, bytes] | None = None  # (version, resync payload)
 
     @classmethod
     def check_params(cls, params: dict, cfg, sizes: list[int]) -> None:
@@ -134,6 +135,7 @@ class HGCStrategy(CompressedFedAvg):
         super().load_state_dict(tensors, meta)
         self.predictor.load_state({k[10:]: v.clone() for k, v in tensors.items() if k.startswith("predictor.")})
         self.velocity = tensors["velocity"].clone()
+        self._sync_cache = None
 
     def ratio_at(self, server_round: int, target: float | None = None) -> float:
         """The round's k/d: warm-up towards ``target`` (default ``ratio``), then the LR-step window."""
@@ -166,6 +168,16 @@ class HGCStrategy(CompressedFedAvg):
             buffers["velocity"] = self.velocity
         return buffers
 
+    def _sync_payload(self) -> bytes:
+        """The current version's resync (model and predictor), encoded once for every client
+        that needs it: one object, not one copy per client, however many are out of sync."""
+        if self._sync_cache is None or self._sync_cache[0] != self._version:
+            self._sync_cache = (self._version, encode_sync(self._global, self._sync_buffers()))
+        return self._sync_cache[1]
+
+    def held_update(self, payload: bytes, update: tuple) -> tuple:
+        return update  # entries are sparse already
+
     def _pick_owner(self, nodes: list[int], server_round: int) -> int:
         if self.mask_policy == "largest" and self.sizes.size:
             return max(nodes, key=lambda n: (self.sizes[self.partition(n)], -n))
@@ -173,7 +185,7 @@ class HGCStrategy(CompressedFedAvg):
 
     def _record(self, node_id: int, phase: str, ratio: float, mask: bytes | None) -> ConfigRecord:
         in_sync = self._in_sync(node_id)
-        sync = self._pending if in_sync else encode_sync(self._global, self._sync_buffers())
+        sync = self._pending if in_sync else self._sync_payload()
         rec = {
             **self.settings.record(), "phase": phase, "ratio": ratio, "server-lr": self.server_lr,
             "server-momentum": self.server_momentum, M.KIND: M.DELTA if in_sync else M.FULL, M.PAYLOAD: sync,

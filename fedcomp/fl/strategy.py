@@ -89,7 +89,7 @@ class Arrival:
     node: int
     client: ClientRound
     work: ClientWork
-    update: object
+    update: object  # the strategy's decoded update, or the payload to decode it from (``held_update``)
     timeline: Timeline | None = None
     base_version: int = 0
     extras: dict = field(default_factory=dict)  # the client algorithm's tensors (SCAFFOLD's dc_i)
@@ -406,6 +406,12 @@ class CompressedFedAvg(Strategy):
             raise ClientFault("update has NaN/Inf entries")
         return update
 
+    def held_update(self, payload: bytes, update: torch.Tensor) -> bytes | torch.Tensor:
+        """What an arrival keeps until aggregation: the (checked) payload when it is smaller
+        than the dense update -- a round's arrivals then cost their payloads, not n x d floats
+        -- decoded again when aggregated; else the update."""
+        return payload if len(payload) < update.numel() * update.element_size() // 2 else update
+
     def client_metrics(self, node: int, metrics) -> dict:
         """The reply's metrics, checked against what the server knows of this client."""
         try:
@@ -449,7 +455,7 @@ class CompressedFedAvg(Strategy):
                 payload = self.open_payload(record)
                 up_bytes = len(payload) + len(record.get(M.TAG, b""))
                 metrics = self.client_metrics(node, reply.content[M.METRICS])
-                update = self.decode_update(payload)
+                update = self.held_update(payload, self.decode_update(payload))
                 try:
                     extras = self.algorithm.decode(reply.content.get(M.EXTRA), self.d)
                 except PayloadError as exc:
@@ -538,7 +544,8 @@ class CompressedFedAvg(Strategy):
         n = sum(a.client.num_examples for a in accepted)
         total = torch.zeros_like(self._global)
         for a in accepted:
-            total += a.client.num_examples * weight(a) * a.update
+            update = a.update if isinstance(a.update, torch.Tensor) else self.decode_update(a.update)
+            total += a.client.num_examples * weight(a) * update
         self.apply_step(self.apply_update(total / n), stats, accepted)
 
     def apply_step(self, step: torch.Tensor, stats: RoundStats, accepted: list[Arrival]) -> None:
