@@ -175,7 +175,7 @@ def test_back_to_back_runs_in_one_process_do_not_share_server_state(fast_cfg, tm
 def close_runs(a, b, tol=1e-5) -> None:
     """Same bytes every round; accuracy and losses equal up to float summation order."""
     for ra, rb in zip(rows(a), rows(b), strict=True):
-        assert (ra["bytes_up"], ra["bytes_down"]) == (rb["bytes_up"], rb["bytes_down"])
+        assert (ra["bytes_up"], ra["bytes_down"], ra["sim_time_s"]) == (rb["bytes_up"], rb["bytes_down"], rb["sim_time_s"])
         assert ra.get("accuracy") == pytest.approx(rb.get("accuracy"), abs=2e-3)
         for ca, cb in zip(ra["clients"].values(), rb["clients"].values(), strict=True):
             assert ca["train_loss"] == pytest.approx(cb["train_loss"], rel=tol)

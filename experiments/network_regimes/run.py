@@ -2,7 +2,7 @@
 HGC and DAGC on four networks under three round policies (issue "deterministic clock", item 5).
 
 FashionMNIST, mlp (784-200-10), 20 clients with Dirichlet(0.5) labels, 10 sampled per round, 5
-local SGD steps of batch 32 at lr 0.05 (the same for every method), 150 rounds, one seed. The
+local SGD steps of batch 32 at lr 0.05 (the same for every method), 80 rounds, one seed. The
 simulated clock is the deterministic one: compute from the model's training FLOPs over each
 device's speed, codec times from the calibrated table, links from the preset (sources in
 ``fedcomp/conf/network/*.yaml``).
@@ -15,7 +15,7 @@ updates are discarded) and ``overcommit`` (sample ceil(1.3 x 10), aggregate the 
 Methods: FedAvg (fp32 both ways), top-k 1% + EF (fp32 model down), STC 1% both ways, HGC
 (1%, 1 bit), DAGC (top-k + EF with per-client ratios from data volume, mean 1%).
 
-    .venv/bin/python experiments/network_regimes/run.py [--rounds 150] [--target 0.75] [--jobs 2]
+    .venv/bin/python experiments/network_regimes/run.py [--rounds 80] [--target 0.75] [--jobs 2]
 
 Results: results/table.md (time and bytes to the target, final accuracy), results/summary.json,
 results/accuracy_vs_time.png.
@@ -76,7 +76,7 @@ def policy_overrides(policy: str, deadline_s: float | None) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rounds", type=int, default=150)
+    ap.add_argument("--rounds", type=int, default=80)
     ap.add_argument("--target", type=float, default=0.75)
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--table-only", action="store_true")
