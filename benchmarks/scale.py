@@ -38,8 +38,8 @@ from overhead import fedcomp_rounds, plain_loop
 
 RESULTS = Path(__file__).parent / "results" / "scale.json"
 MEMORY_CELLS = (  # (method, extra overrides): cnn4, 1000 clients, every client every round
-    ("hgc", ()), ("hgc", ("simulation.ef_dtype=bfloat16",)), ("hgc", ("simulation.state_memory_gb=4",)),
-    ("topk1%+ef", ()), ("topk1%+ef", ("simulation.state_memory_gb=2",)),
+    ("hgc", ()), ("topk1%+ef", ("simulation.state_memory_gb=2",)), ("hgc", ("simulation.ef_dtype=bfloat16",)),
+    ("topk1%+ef", ()), ("hgc", ("simulation.state_memory_gb=4",)),
 )
 METHODS = {
     "fedavg": ["compressor=none"],
@@ -143,21 +143,25 @@ def main() -> None:
                 rows[model, method, engine] = row
                 print(_format(row, plain), flush=True)
     done = {(r["method"], tuple(r.get("extra", ()))): r for r in previous["memory"] if "error" not in r}
-    memory = []
+    memory: list[dict] = []
+    save(rows, memory, args.rounds)
     if args.memory or args.memory_only:
         for method, extra in MEMORY_CELLS:
             row = done.get((method, extra)) or run_cell("cnn4", method, "inline", 2, 1.0, extra)
             memory.append(row)
+            save(rows, memory, args.rounds)  # each cell takes minutes: keep what is done
             print(f"memory: cnn4 {method} {' '.join(extra)} 1000 clients all training: peak RSS {row.get('rss_mb', float('nan')) / 1024:.2f} GB, "
                   f"state {row.get('state_gb', float('nan')):.2f} GB ({row.get('state_mb_per_client', float('nan')):.2f} MB/client) {row.get('error', '')}", flush=True)
-    rows = list(rows.values())
+    print(f"wrote {RESULTS}")
+
+
+def save(rows: dict[tuple, dict], memory: list[dict], rounds: int) -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({
         "setting": "FashionMNIST, 1000 clients x 60 (IID), 50 per round, batch 10, 1 local epoch, lr 0.05",
-        "rounds": args.rounds, "machine": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-        "rows": rows, "memory": memory,
+        "rounds": rounds, "machine": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+        "rows": list(rows.values()), "memory": memory,
     }, indent=2))
-    print(f"wrote {RESULTS}")
 
 
 def _format(row: dict, plain: dict) -> str:
