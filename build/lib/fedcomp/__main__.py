@@ -1,3 +1,0 @@
-from fedcomp.cli import main
-
-main()

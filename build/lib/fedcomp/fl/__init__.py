@@ -1,1 +1,0 @@
-"""Flower integration: the strategy, the ServerApp/ClientApp and the engines that run them."""
