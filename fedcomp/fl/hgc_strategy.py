@@ -38,7 +38,7 @@ from collections.abc import Iterable
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from fedcomp.coding import encode_indices
@@ -262,21 +262,9 @@ class HGCStrategy(CompressedFedAvg):
             if a.timeline is None:
                 a.timeline = self.system.timeline(a.work, start, mask_ready, self._sent[a.node].mask_bytes)
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        stats = self._new_stats(server_round)
+    def round_arrivals(self, replies: Iterable[Message]) -> list[Arrival]:
         phase2 = [n for n in self._sent if n not in self._phase1]
-        arrivals = ([self._owner_arrival] if self._owner_arrival is not None else []) + self.receive(replies, expected=phase2)
-        stats.failures += self._round_failures
-        self.timelines(arrivals)
-        accepted, ends_by = self.select(stats, arrivals)
-        if self.usable(stats, len(accepted)):
-            self.aggregate(stats, accepted)
-            self.algorithm.server_update([a.extras for a in accepted], len(self._partition_of))
-        else:
-            stats.skipped = True
-        self.finish(stats, accepted, ends_by)
-        self.rounds[server_round] = stats
-        return None, MetricRecord({"num-clients": len(stats.clients), "failures": len(stats.failures)})
+        return ([self._owner_arrival] if self._owner_arrival is not None else []) + self.receive(replies, expected=phase2)
 
     def aggregate(self, stats: RoundStats, accepted: list[Arrival], weight=None) -> None:
         """g~ = sum_i (n_i / n) x_i over the accepted entries in node order (the order every

@@ -522,9 +522,13 @@ class CompressedFedAvg(Strategy):
                                           a.client.bytes_down, a.client.bytes_up))
         return [a for _, a in chosen.accepted], chosen.ends_by
 
+    def round_arrivals(self, replies: Iterable[Message]) -> list[Arrival]:
+        """The round's usable replies (HGC adds its mask owner's, received in phase 1)."""
+        return self.receive(replies)
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         stats = self._new_stats(server_round)
-        arrivals = self.receive(replies)
+        arrivals = self.round_arrivals(replies)
         stats.failures += self._round_failures
         self.timelines(arrivals)
         accepted, ends_by = self.select(stats, arrivals)
