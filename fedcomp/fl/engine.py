@@ -9,6 +9,9 @@ the process/actor hop, which costs more than the local training of a small model
 ``pool``: the same Grid contract with the nodes spread over persistent worker processes that
 train in parallel (``fedcomp.fl.pool``).
 
+``batched``: the inline Grid with each round's local training done as one vmapped computation
+per group of same-shaped clients (``fedcomp.fl.batched``).
+
 ``ray``: Flower's simulation engine (``flwr.simulation.run_simulation``), one Ray actor per
 ``simulation.client_cpus``. Use it when clients need isolation or several GPUs.
 
