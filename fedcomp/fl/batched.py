@@ -36,7 +36,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from fedcomp.fl.client_app import make_client_app
 from fedcomp.fl.cohort import TrainingRequest, set_parking
 from fedcomp.fl.engine import InlineGrid, call_client_app, client_threads, declare_server_task, state_store
-from fedcomp.fl.local import local_steps
+from fedcomp.fl.local import batches, local_steps
 from fedcomp.fl.runtime import Runtime, get_runtime
 from fedcomp.fl.server_app import run_server
 
@@ -53,17 +53,8 @@ def check_model(model: nn.Module) -> None:
 def _batches(request: TrainingRequest) -> list[torch.Tensor]:
     """The sample indices of each of the request's steps, drawn as ``train_local`` draws them."""
     t = request.training
-    n = len(request.indices)
-    total = local_steps(n, epochs=t["epochs"], steps=t["steps"], batch_size=t["batch_size"])
-    generator = torch.Generator().manual_seed(request.seed)
-    out: list[torch.Tensor] = []
-    while len(out) < total:
-        perm = torch.randperm(n, generator=generator)
-        for start in range(0, n, t["batch_size"]):
-            if len(out) == total:
-                break
-            out.append(request.indices[perm[start : start + t["batch_size"]]])
-    return out
+    total = local_steps(len(request.indices), epochs=t["epochs"], steps=t["steps"], batch_size=t["batch_size"])
+    return list(batches(request.indices, total=total, batch_size=t["batch_size"], generator=torch.Generator().manual_seed(request.seed)))
 
 
 def _group_key(request: TrainingRequest) -> tuple:

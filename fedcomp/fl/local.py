@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -29,6 +29,19 @@ def mean_gradient_sq_norm(update: torch.Tensor, n: int, training: dict) -> float
     With momentum or weight decay this is the norm of the mean step direction instead."""
     steps = local_steps(n, epochs=training["epochs"], steps=training["steps"], batch_size=training["batch_size"])
     return float(update.square().sum()) / (training["lr"] * steps) ** 2
+
+
+def batches(indices: torch.Tensor, *, total: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """The sample indices of ``total`` mini-batches: a fresh permutation of ``indices`` per pass,
+    cut into ``batch_size`` pieces (each pass ends on a partial batch)."""
+    n, done = len(indices), 0
+    while done < total:
+        perm = torch.randperm(n, generator=generator)
+        for start in range(0, n, batch_size):
+            if done == total:
+                return
+            yield indices[perm[start : start + batch_size]]
+            done += 1
 
 
 class LocalSGD:
@@ -87,23 +100,17 @@ def train_local(
     held = [momentum_buffers.get(name) if carried else None for name, _ in named]
     opt = LocalSGD([p for _, p in named], lr=lr, momentum=momentum, weight_decay=weight_decay,
                    buffers=[None if b is None else b.to(p.device, copy=True) for b, (_, p) in zip(held, named)])
-    n = len(indices)
-    total = local_steps(n, epochs=epochs, steps=steps, batch_size=batch_size)
-    loss_sum, done = torch.zeros((), device=x.device), 0
-    while done < total:
-        perm = torch.randperm(n, generator=generator)
-        for start in range(0, n, batch_size):
-            if done == total:
-                break
-            idx = indices[perm[start : start + batch_size]].to(x.device, non_blocking=True)
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-            loss.backward()
-            if grad_hook is not None:
-                grad_hook(model)
-            opt.step()
-            loss_sum += loss.detach()
-            done += 1
+    total = local_steps(len(indices), epochs=epochs, steps=steps, batch_size=batch_size)
+    loss_sum = torch.zeros((), device=x.device)
+    for batch in batches(indices, total=total, batch_size=batch_size, generator=generator):
+        idx = batch.to(x.device, non_blocking=True)
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+        loss.backward()
+        if grad_hook is not None:
+            grad_hook(model)
+        opt.step()
+        loss_sum += loss.detach()
     if carried:
         for (name, _), buf in zip(named, opt.buffers):
             if buf is not None:
