@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from fedcomp.compression import build
+from fedcomp.compression.base import all_finite
 from fedcomp.fl import messages as M
 from fedcomp.wire import PayloadError
 
@@ -69,7 +70,7 @@ class ClientAlgorithm:
         out = {}
         for name, payload in (record or {}).items():
             value = cls._codec.decompress(payload, (d,), torch.float32)
-            if not bool(torch.isfinite(value).all()):
+            if not all_finite(value):
                 raise PayloadError(f"extra {name!r} has NaN/Inf entries")
             out[name] = value
         return out
