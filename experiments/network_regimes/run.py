@@ -49,6 +49,8 @@ METHODS = {
     "DAGC 1%": ["compressor=topk", "controller=dagc", "controller.mean_ratio=0.01"],
 }
 POLICIES = ("sync", "deadline", "overcommit")
+RECIPE = ("Recipe (every method): 20 clients with Dirichlet(0.5) labels, 10 sampled per round, 5 local SGD steps"
+          " of batch 32, lr 0.05, no momentum, fresh optimizer each round, mlp 784-200-10; every cell ran on CPU.")
 DEADLINE_SHARE = 0.8  # of FedAvg's median synchronous round on the same network
 
 
@@ -111,6 +113,7 @@ def to_target(run: dict, target: float) -> dict | None:
 def tabulate(runs: dict, rounds: int, target: float, deadlines: dict[str, float]) -> None:
     lines = [f"# Time to {target:.0%} accuracy by network and round policy (FashionMNIST / mlp, {rounds} rounds, 1 seed, CPU)", "",
              f"Regenerate: `.venv/bin/python experiments/network_regimes/run.py --rounds {rounds} --target {target}`", "",
+             RECIPE, "",
              "Each cell: simulated seconds to the target (deterministic clock) / MB moved both ways until then; "
              "`-`: not reached in the run. Final accuracy in brackets. **Bold**: fastest on that network and policy. "
              "Deadlines (80% of FedAvg's median synchronous round): "
