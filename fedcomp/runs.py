@@ -1,7 +1,13 @@
-"""Run a `fedcomp` experiment into a directory once, and read runs back (for experiment scripts)."""
+"""Run a `fedcomp` experiment into a directory once, and read runs back (for experiment scripts).
+
+A run may also be kept as a *record*: its summary and a compact copy of its per-round rows in one
+gzipped JSON file that an experiment commits beside its table, so the table can be rebuilt, and
+more seeds added, on a checkout that no longer has the run's output directory.
+"""
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import subprocess
@@ -19,22 +25,49 @@ def load_run(out_dir: Path) -> dict[str, Any]:
     return summary
 
 
-def run_once(out_dir: Path, overrides: list[str], label: str = "", env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run ``fedcomp <overrides>`` into ``out_dir`` unless it already holds a finished run."""
+# What a record keeps of each round: enough for accuracy curves, byte totals per direction and
+# client, and simulated time; the rest of a row (losses per client, clock details) stays in outputs/.
+ROW_KEYS = ("round", "accuracy", "loss", "train_loss", "bytes_up", "bytes_down", "num_clients", "failures", "skipped",
+            "round_sim_time_s", "sim_time_s")
+CLIENT_KEYS = ("bytes_up", "bytes_down")
+
+
+def save_record(run: dict[str, Any], path: Path) -> None:
+    """Write ``run`` (as ``load_run`` returns it) as a compact, byte-stable gzipped JSON record."""
+    rows = [{**{k: r[k] for k in ROW_KEYS if k in r},
+             "clients": {cid: {k: c[k] for k in CLIENT_KEYS} for cid, c in r.get("clients", {}).items()}} for r in run["rows"]]
+    text = json.dumps({**run, "rows": rows}, separators=(",", ":"), sort_keys=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(text.encode(), mtime=0))
+
+
+def load_record(path: Path) -> dict[str, Any]:
+    return json.loads(gzip.decompress(path.read_bytes()))
+
+
+def run_once(out_dir: Path, overrides: list[str], label: str = "", env: dict[str, str] | None = None,
+             record: Path | None = None) -> dict[str, Any]:
+    """Run ``fedcomp <overrides>`` into ``out_dir`` unless it already holds a finished run, or
+    ``record`` exists (then that is the run); a run made or found in ``out_dir`` is recorded there."""
+    if record is not None and record.is_file():
+        return load_record(record)
     if not (out_dir / "summary.json").is_file():
         print(f"running {label or out_dir.name}", flush=True)
         cmd = [sys.executable, "-m", "fedcomp", *overrides, "progress=false", f"hydra.run.dir={out_dir}"]
         subprocess.run(cmd, check=True, env=env)
-    return load_run(out_dir)
+    run = load_run(out_dir)
+    if record is not None:
+        save_record(run, record)
+    return run
 
 
-def run_many(runs: Sequence[tuple[Path, list[str]]], jobs: int = 1) -> list[dict[str, Any]]:
-    """``run_once`` for each (out_dir, overrides), ``jobs`` processes at a time, results in order.
-    Parallel runs get one intra-op thread each, so ``jobs`` processes share ``jobs`` cores
-    instead of oversubscribing them."""
+def run_many(runs: Sequence[tuple[Path, list[str]] | tuple[Path, list[str], Path]], jobs: int = 1) -> list[dict[str, Any]]:
+    """``run_once`` for each (out_dir, overrides[, record]), ``jobs`` processes at a time, results
+    in order. Parallel runs get one intra-op thread each, so ``jobs`` processes share ``jobs``
+    cores instead of oversubscribing them."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"} if jobs > 1 else None
     with ThreadPoolExecutor(max_workers=max(jobs, 1)) as pool:
-        return list(pool.map(lambda run: run_once(run[0], run[1], env=env), runs))
+        return list(pool.map(lambda run: run_once(run[0], run[1], env=env, record=run[2] if len(run) > 2 else None), runs))
 
 
 def first_round(rows: list[dict[str, Any]], key: str, reached) -> dict[str, Any] | None:

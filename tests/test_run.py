@@ -228,3 +228,23 @@ def test_arrivals_hold_sparse_payloads_not_dense_updates(fast_cfg, compressor, h
     kept = strategy.held_update(payload, strategy.decode_update(payload))
     assert isinstance(kept, held)
     assert torch.equal(strategy.decode_update(kept) if isinstance(kept, bytes) else kept, strategy.decode_update(payload))
+
+
+def test_run_records_stand_in_for_finished_runs(tmp_path):
+    """A recorded run is read back without its output directory and is not run again; the record
+    keeps accuracy and per-client bytes and is byte-stable (safe to commit)."""
+    import shutil
+
+    from fedcomp.runs import load_record, run_many
+
+    base = ["dataset=synthetic", "model=logreg", "simulation.num_clients=2", "num_rounds=2", "train.steps=2"]
+    out, record = tmp_path / "run", tmp_path / "records" / "run.json.gz"
+    (first,) = run_many([(out, base, record)])
+    stored = record.read_bytes()
+    shutil.rmtree(out)
+    (again,) = run_many([(out, base, record)])
+    assert not out.exists() and record.read_bytes() == stored
+    assert again["final_accuracy"] == first["final_accuracy"] and again == load_record(record)
+    assert [sorted(r["clients"]) for r in again["rows"]] == [sorted(r["clients"]) for r in first["rows"]]
+    assert [c["bytes_up"] for r in again["rows"] for c in r["clients"].values()] == \
+        [c["bytes_up"] for r in first["rows"] for c in r["clients"].values()]

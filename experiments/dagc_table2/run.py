@@ -90,7 +90,8 @@ def main() -> None:
                     run = RUNS / f"{prefix}r{args.rounds}x{args.steps}_sr{skew:g}_d{mean:g}_s{seed}_{tag}"
                     runs.setdefault(run, base + ov + args.set)
                     cells.append(((skew, mean, name), run))
-    summaries = dict(zip(runs, run_many(list(runs.items()), args.jobs)))
+    records = RESULTS / args.series / "runs"  # finished runs, kept so that seeds and cells can be added later
+    summaries = dict(zip(runs, run_many([(run, ov, records / f"{run.name}.json.gz") for run, ov in runs.items()], args.jobs)))
     accs: dict[tuple[float, float, str], list[float]] = {}
     on_gpu: dict[tuple[float, float, str], int] = {}
     for cell, run in cells:

@@ -18,8 +18,9 @@ then error feedback and momentum cleared); on 4 IID clients also HGC at (1%, 1 b
 (0.1%, 2 bits), with the paper's fp32 downlink, and, for Table 3 (first seed), with the
 temporal (prediction) and cross-client (shared mask) mechanisms switched off.
 
-Each run is a `fedcomp` command; runs whose summary.json exists are not repeated. Results:
-results/table2.md, results/summary.json, results/accuracy.png.
+Each run is a `fedcomp` command; a finished run is kept as a record in results/runs/ (summary
+and per-round bytes and accuracy, gzipped JSON) and never repeated, so more seeds or settings
+can be added later. Results: results/table2.md, results/summary.json, results/accuracy.png.
 """
 
 from __future__ import annotations
@@ -85,8 +86,8 @@ def slug(name: str) -> str:
     return "".join(ch if ch.isalnum() else "_" for ch in name).strip("_")
 
 
-def plan(rounds: int, seeds: list[int], settings: list[str], every_seed: bool = False) -> list[tuple[str, str, int, Path, list[str]]]:
-    """(setting, method, seed, out_dir, overrides), most informative first: every method of the
+def plan(rounds: int, seeds: list[int], settings: list[str], every_seed: bool = False) -> list[tuple[str, str, int, Path, list[str], Path]]:
+    """(setting, method, seed, out_dir, overrides, record), most informative first: every method of the
     first seed before any second seed; later seeds only for the claim's two methods unless
     ``every_seed``."""
     table = methods(rounds)
@@ -98,8 +99,9 @@ def plan(rounds: int, seeds: list[int], settings: list[str], every_seed: bool = 
             else:
                 names = MAIN + (EXTRA + (ABLATIONS if seed == seeds[0] else ()) if setting == "4iid" else ())
             for name in names:
-                out.append((setting, name, seed, RUNS / f"r{rounds}_{RECIPE}" / setting / f"s{seed}" / slug(name),
-                            [*recipe(rounds), *SETTINGS[setting], *table[name], f"seed={seed}"]))
+                where = Path(f"r{rounds}_{RECIPE}") / setting / f"s{seed}" / slug(name)
+                out.append((setting, name, seed, RUNS / where, [*recipe(rounds), *SETTINGS[setting], *table[name], f"seed={seed}"],
+                            RESULTS / "runs" / where.with_suffix(".json.gz")))
     return out
 
 
@@ -143,14 +145,12 @@ def main() -> None:
     args = ap.parse_args()
     settings = [args.only] if args.only else list(SETTINGS)
     cells = plan(args.rounds, args.seeds, settings, args.every_seed)
-    if not args.table_only:
-        run_many([(out, ov) for *_, out, ov in cells], jobs=args.jobs)
-    from fedcomp.runs import load_run
-
+    if args.table_only:  # what has finished: recorded runs, and runs in outputs/ (recorded now)
+        cells = [c for c in cells if c[-1].is_file() or (c[3] / "summary.json").is_file()]
+    finished = run_many([(out, ov, record) for *_, out, ov, record in cells], jobs=args.jobs)
     runs: dict[str, dict[str, dict[int, dict]]] = {}
-    for setting, name, seed, out, _ in cells:
-        if (out / "summary.json").is_file():
-            runs.setdefault(setting, {}).setdefault(name, {})[seed] = load_run(out)
+    for (setting, name, seed, *_), run in zip(cells, finished):
+        runs.setdefault(setting, {}).setdefault(name, {})[seed] = run
     tabulate(runs, args.rounds)
 
 
