@@ -9,12 +9,17 @@ with no Flower, no compression, on the same machine and threads. Peak RSS is the
 process's (pool: plus its largest worker's); state MB/client is the client-state store's bytes
 over the clients holding state (fedcomp's in-process engines).
 
+``--cohorts N ...`` measures how the per-client cost grows with the cohort: mlp, every client
+training 6 steps of batch 10 every round, N clients, FedAvg and HGC, inline; the cost per
+client-round should stay flat (HGC's relay and prediction are computed once per round, not
+once per client).
+
 ``--memory`` adds the 1000-client memory cells (``--memory-only``: just those); ``--update``
 keeps the cells of the results file that are not run again. Memory cells: every client
 trains every round (fraction 1) for two rounds, cnn4, inline, HGC and top-k + EF as they are,
 with bf16 error feedback and with a state memory budget; the issue's target is 8 GB RSS.
 
-    python benchmarks/scale.py [--models mlp cnn4] [--engines inline pool batched] [--rounds 6] [--memory]
+    python benchmarks/scale.py [--models mlp cnn4] [--engines inline pool batched] [--rounds 6] [--memory] [--cohorts 100 300 1000]
 
 Prints a table and writes benchmarks/results/scale.json.
 """
@@ -41,6 +46,7 @@ MEMORY_CELLS = (  # (method, extra overrides): cnn4, 1000 clients, every client 
     ("hgc", ()), ("topk1%+ef", ("simulation.state_memory_gb=2",)), ("hgc", ("simulation.ef_dtype=bfloat16",)),
     ("topk1%+ef", ()), ("hgc", ("simulation.state_memory_gb=4",)),
 )
+COHORT_STEPS = ("train.steps=6",)  # the same work per client whatever the shard size
 METHODS = {
     "fedavg": ["compressor=none"],
     "topk1%+ef": ["compressor=topk", "compressor.up.ratio=0.01", "compressor.up.error_feedback=true"],
@@ -48,9 +54,10 @@ METHODS = {
 }
 
 
-def overrides(model: str, method: str, engine: str, rounds: int, fraction: float = 0.05, extra: tuple[str, ...] = ()) -> list[str]:
+def overrides(model: str, method: str, engine: str, rounds: int, fraction: float = 0.05, extra: tuple[str, ...] = (),
+              clients: int = 1000) -> list[str]:
     return [
-        "dataset=fmnist", "partition=iid", f"model={model}", "simulation.num_clients=1000", f"simulation.fraction={fraction}",
+        "dataset=fmnist", "partition=iid", f"model={model}", f"simulation.num_clients={clients}", f"simulation.fraction={fraction}",
         f"num_rounds={rounds}", "train.epochs=1", "train.steps=null", "train.batch_size=10", "train.lr=0.05",
         f"eval_every={10**6}", "progress=false", f"simulation.backend={'inline' if engine == 'plain' else engine}",
         *([] if engine == "plain" else METHODS[method]), *extra,
@@ -63,11 +70,11 @@ def peak_rss_mb() -> tuple[float, float]:
     return own, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
 
-def cell(model: str, method: str, engine: str, rounds: int, fraction: float, extra: tuple[str, ...] = ()) -> dict:
+def cell(model: str, method: str, engine: str, rounds: int, fraction: float, extra: tuple[str, ...] = (), clients: int = 1000) -> dict:
     """One measurement, in this (fresh) process."""
     from fedcomp.config import compose_config
 
-    cfg = compose_config(overrides(model, method, engine, rounds, fraction, tuple(extra)))
+    cfg = compose_config(overrides(model, method, engine, rounds, fraction, tuple(extra), clients))
     out: dict = {"model": model, "method": method, "engine": engine, "threads": torch.get_num_threads(), "extra": list(extra)}
     if engine == "plain":
         per_round = plain_loop(cfg, rounds, per_round=round(fraction * 1000))
@@ -123,6 +130,7 @@ def main() -> None:
     ap.add_argument("--memory", action="store_true", help="also the 1000-client memory cells")
     ap.add_argument("--memory-only", action="store_true", help="only the memory cells (with --update: those not in the results file yet)")
     ap.add_argument("--update", action="store_true", help="keep the results file's other cells, replace the ones run now")
+    ap.add_argument("--cohorts", type=int, nargs="*", default=[], metavar="N", help="only: per-client cost at N clients per round (mlp)")
     ap.add_argument("--cell", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.cell:
@@ -131,7 +139,16 @@ def main() -> None:
     assert args.rounds >= 3, "need rounds 2..R-1"
     previous = json.loads(RESULTS.read_text()) if args.update and RESULTS.is_file() else {"rows": [], "memory": []}
     rows: dict[tuple, dict] = {(r["model"], r["method"], r["engine"]): r for r in previous["rows"]}
-    for model in [] if args.memory_only else args.models:
+    cohorts: dict[tuple, dict] = {(r["method"], r["clients"]): r for r in previous.get("cohorts", [])}
+    for n in args.cohorts:
+        for method in ("fedavg", "hgc"):
+            row = run_cell("mlp", method, "inline", args.rounds, 1.0, COHORT_STEPS, n)
+            row["clients"] = n
+            cohorts[method, n] = row
+            print(f"cohort: mlp {method:>6} {n:5d} clients: {row.get('round_s', float('nan')) / n * 1e3:6.2f} ms per client-round "
+                  f"{row.get('error', '')}", flush=True)
+            save(rows, previous["memory"], args.rounds, cohorts)
+    for model in [] if args.memory_only or args.cohorts else args.models:
         plain = run_cell(model, "fedavg", "plain", args.rounds, 0.05)
         print(_format(plain, plain), flush=True)
         rows[model, "fedavg", "plain"] = plain
@@ -144,23 +161,23 @@ def main() -> None:
                 print(_format(row, plain), flush=True)
     done = {(r["method"], tuple(r.get("extra", ()))): r for r in previous["memory"] if "error" not in r}
     memory: list[dict] = []
-    save(rows, memory, args.rounds)
+    save(rows, memory, args.rounds, cohorts)
     if args.memory or args.memory_only:
         for method, extra in MEMORY_CELLS:
             row = done.get((method, extra)) or run_cell("cnn4", method, "inline", 2, 1.0, extra)
             memory.append(row)
-            save(rows, memory, args.rounds)  # each cell takes minutes: keep what is done
+            save(rows, memory, args.rounds, cohorts)  # each cell takes minutes: keep what is done
             print(f"memory: cnn4 {method} {' '.join(extra)} 1000 clients all training: peak RSS {row.get('rss_mb', float('nan')) / 1024:.2f} GB, "
                   f"state {row.get('state_gb', float('nan')):.2f} GB ({row.get('state_mb_per_client', float('nan')):.2f} MB/client) {row.get('error', '')}", flush=True)
     print(f"wrote {RESULTS}")
 
 
-def save(rows: dict[tuple, dict], memory: list[dict], rounds: int) -> None:
+def save(rows: dict[tuple, dict], memory: list[dict], rounds: int, cohorts: dict[tuple, dict]) -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({
         "setting": "FashionMNIST, 1000 clients x 60 (IID), 50 per round, batch 10, 1 local epoch, lr 0.05",
         "rounds": rounds, "machine": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-        "rows": list(rows.values()), "memory": memory,
+        "rows": list(rows.values()), "memory": memory, "cohorts": list(cohorts.values()),
     }, indent=2))
 
 

@@ -232,3 +232,39 @@ def test_pool_sends_a_value_shared_by_several_messages_once():
     rebuilt = _deserialise_batch(blobs)
     assert [(m.content["down"]["payload"], m.content["down"]["n"], m.content["mine"]["p"]) for m in rebuilt] == \
         [(big, 0, own), (big, 1, b"small"), (big, 2, b"small")]
+
+
+@pytest.mark.parametrize("extra", [(), ("compressor=topk_bidirectional", "simulation.fraction=0.75")], ids=["model", "delta"])
+def test_a_broadcast_is_decoded_once_per_process_and_changes_nothing(fast_cfg, tmp_path, monkeypatch, extra):
+    """Every client of a round gets the same downlink bytes: the process decodes them once and
+    hands each client its own copy; the run is the one where every client decodes."""
+    from fedcomp.compression.base import Compressor
+    from fedcomp.fl.runtime import Runtime
+
+    cfg = fast_cfg("num_rounds=3", *extra)
+    calls = []
+    original = Runtime.decode_shared
+
+    def counted(self, codec, payload, expect):
+        before = self._last_shared
+        out = original(self, codec, payload, expect)
+        calls.append(self._last_shared is not before)
+        return out
+
+    monkeypatch.setattr(Runtime, "decode_shared", counted)
+    run_experiment(cfg, tmp_path / "shared")
+    assert calls.count(True) < len(calls)  # clients after the first reused the round's decode
+
+    def every_client_decodes(self, codec: Compressor, payload, expect):
+        return codec.decompress(payload, *expect)
+
+    monkeypatch.setattr(Runtime, "decode_shared", every_client_decodes)
+    run_experiment(cfg, tmp_path / "each")
+    same_run(tmp_path / "shared", tmp_path / "each")
+
+    rt = get_runtime(cfg)
+    down, expect = rt.compressor("down"), ((rt.layout.numel,), torch.float32)
+    payload = down.compress(torch.randn(rt.layout.numel))
+    a = original(rt, down, payload, expect)
+    a.add_(1.0)  # one client's copy changed: the next client's is not
+    assert torch.equal(original(rt, down, payload, expect), down.decompress(payload, *expect))

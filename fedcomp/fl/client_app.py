@@ -36,14 +36,14 @@ def receive_model(rt: Runtime, down: ConfigRecord, state: ClientState) -> torch.
     expect = ((rt.layout.numel,), torch.float32)
     payload = open_payload(rt, down)
     if kind == M.MODEL:
-        return rt.compressor("down").decompress(payload, *expect)
+        return rt.decode_shared(rt.compressor("down"), payload, expect)
     if kind == M.FULL:
-        replica = rt.full_codec.decompress(payload, *expect)
+        replica = rt.decode_shared(rt.full_codec, payload, expect)
     elif kind == M.DELTA:
         held = state.number(M.REPLICA_VERSION)
         if held != version - 1:
             raise RuntimeError(f"delta to version {version} sent to a client holding version {held}")
-        step = rt.compressor("down").decompress(payload, *expect)
+        step = rt.decode_shared(rt.compressor("down"), payload, expect)
         replica = state.tensor(M.REPLICA, "w") + step
     else:
         raise ValueError(f"unknown downlink kind {kind!r}")
