@@ -1,4 +1,6 @@
-"""train.device: training and evaluation on an accelerator, compression and the wire on CPU.
+"""train.device: training, evaluation and compression (selection, error feedback) on an
+accelerator; only the chosen indices and values move to the CPU to be coded, and payloads are
+the CPU path's, byte for byte.
 
 The CUDA tests run where torch sees a GPU (the project's GPU machine) and are skipped elsewhere.
 """
@@ -48,13 +50,37 @@ def test_cuda_training_matches_cpu_up_to_float_noise(fast_cfg, tmp_path, overrid
     assert gpu["total_bytes_up"] == pytest.approx(cpu["total_bytes_up"], rel=0.02)
 
 
+NAMES = ["topk", "randomk", "threshold", "stochastic", "terngrad", "qsgd", "signsgd", "scaled_sign", "stc", "sq", "dgc",
+         "adaptive_threshold", "cat"]
+
+
 @cuda
-@pytest.mark.parametrize("name", ["topk", "randomk", "terngrad", "qsgd", "scaled_sign", "stc", "dgc", "cat"])
-def test_compressors_accept_cuda_tensors_and_give_the_cpu_payload(name):
-    x = torch.randn(10_000, generator=torch.Generator().manual_seed(0))
-    a, b = build(name), build(name)
-    a.reseed(3)
-    b.reseed(3)
-    on_cpu, on_gpu = a.compress(x), b.compress(x.cuda())
-    assert on_cpu == on_gpu
-    assert torch.equal(b.decompress(on_gpu), a.decompress(on_cpu))
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("error_feedback", [False, True], ids=["", "ef"])
+def test_compressors_work_on_cuda_tensors_and_give_the_cpu_payload(name, error_feedback):
+    """Three rounds, with each round's state stored on the CPU between rounds (as a client's
+    store does): every payload equals the CPU path's, and the state stays on the device."""
+    sizes = [6_000, 4_000]
+    a, b = (build(name, error_feedback=error_feedback, scope="layerwise", sizes=sizes) for _ in range(2))
+    gen = torch.Generator().manual_seed(0)
+    for rnd in range(3):
+        x = torch.randn(10_000, generator=gen)
+        for c in (a, b):
+            c.reseed(rnd)
+            c.set_round(rnd + 1)
+        on_cpu, on_gpu = a.compress(x), b.compress(x.cuda())
+        assert on_cpu == on_gpu
+        assert torch.equal(b.decompress(on_gpu), a.decompress(on_cpu))
+        b.load_state({k: v.cpu() for k, v in b.state().items()})
+
+
+@cuda
+def test_the_uplink_compressor_sees_the_update_on_the_training_device(fast_cfg, monkeypatch, tmp_path):
+    from fedcomp.compression.recipes import Recipe
+    from fedcomp.fl.engine import run_experiment
+
+    seen = []
+    original = Recipe.compress
+    monkeypatch.setattr(Recipe, "compress", lambda self, x: seen.append(x.device.type) or original(self, x))
+    run_experiment(fast_cfg("train.device=cuda", "compressor=topk", "compressor.up.error_feedback=true"), tmp_path)
+    assert seen and set(seen) == {"cuda"}

@@ -32,7 +32,7 @@ class _AdaCompSelector:
     def select(self, g: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.residue.numel() != g.numel():
             self.residue = torch.zeros_like(g)
-        acc = self.residue + g
+        acc = self.residue.to(g.device) + g  # the residue comes from the client's CPU store
         look_ahead = acc + g
         bin_size = self.bin_size or max(g.numel(), 1)
         pad = (-g.numel()) % bin_size

@@ -135,6 +135,9 @@ class _CATSelector:
         self.last_budget = 0
 
     def select(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        # On the CPU whatever the device: the budget search compares sums whose rounding would
+        # otherwise depend on the device's reduction order.
+        x = x.cpu()
         if not self.fixed and (self.t is None or self.calls % self.recompute_every == 0):
             self.t = best_budget(x, self.kind, CostModel(d=x.numel(), **self.cost_args))
         self.calls += 1

@@ -40,6 +40,7 @@ class _DGCSelector:
     def select(self, g: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.u.numel() != g.numel():
             self.u, self.v = torch.zeros_like(g), torch.zeros_like(g)
+        self.u, self.v = self.u.to(g.device), self.v.to(g.device)  # loaded from the client's CPU store
         if self.clip_norm is not None:
             g = g * min(1.0, self.clip_norm / (float(g.norm()) + 1e-12))
         self.u = self.momentum * self.u + g

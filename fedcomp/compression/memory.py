@@ -3,7 +3,8 @@
     e_0 = 0;  p_t = C(x_t + e_t);  e_{t+1} = x_t + e_t - D(p_t)
 
 (Seide et al. 2014; Karimireddy et al. 2019). A wrapper around any compressor, usable on the
-client (uplink) and on the server (downlink); the residual is its state.
+client (uplink) and on the server (downlink); the residual is its state, kept on the device of
+the vector it corrects (the client's store holds a CPU copy between rounds).
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ class ErrorFeedback(Compressor):
         flat = x.detach().reshape(-1).float()
         if self.residual.numel() != flat.numel():
             self.residual = torch.zeros_like(flat)
-        corrected = flat + self.residual
+        corrected = flat + self.residual.to(flat.device)
         payload = self.inner.compress(corrected.reshape(x.shape).to(x.dtype))
-        self.residual = corrected - self.inner.decompress(payload).reshape(-1).float()
+        self.residual = corrected - self.inner.decompress(payload).reshape(-1).to(flat.device, torch.float32)
         return payload
 
     def decompress(self, payload: bytes, shape: tuple[int, ...] | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:

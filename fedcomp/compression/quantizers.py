@@ -82,7 +82,7 @@ class ScaledSign:
         elif self.scale == "mean_abs":
             s = float(values.abs().mean()) if values.numel() else 0.0
         else:
-            s = float(full.double().norm())
+            s = float(full.cpu().double().norm())  # on the CPU: the sum's rounding must not depend on the device
         return _pack_ternary(s, torch.sign(values), self.deflate)
 
     def decode(self, blob: memoryview, n: int) -> torch.Tensor:

@@ -1,5 +1,9 @@
 """Compressors built from stages: sparsifier -> value codec -> index/symbol coders.
 
+Selection runs where the tensor lives (with ``train.device=cuda``, on the GPU); only the chosen
+indices and values move to the CPU to be coded, and random draws come from the CPU generator,
+so a payload does not depend on the device.
+
 Payload body (inside the wire frame): flags u8 (bit 0: sparse) | for sparse payloads, the
 index blob's length u64 and the Rice-coded indices | the value codec's blob.
 """
@@ -40,14 +44,14 @@ class Recipe(Compressor):
 
     def compress(self, x: torch.Tensor) -> bytes:
         check_finite(x)
-        flat = x.detach().reshape(-1).to("cpu", torch.float32)
+        flat = x.detach().reshape(-1).float()
         idx, vals = self.selector.select(flat, self.generator)
         sparse = not isinstance(self.selector, Dense)
         body = bytearray([_SPARSE if sparse else 0])
         if sparse:
-            blob = encode_indices(idx.numpy(), flat.numel())
+            blob = encode_indices(idx.cpu().numpy(), flat.numel())
             body += _LEN.pack(len(blob)) + blob
-        body += self.values.encode(vals, flat, self.generator)
+        body += self.values.encode(vals.cpu(), flat, self.generator)
         return pack_frame(self.name, x.dtype, tuple(x.shape), bytes(body))
 
     def decompress(self, payload: bytes, shape: tuple[int, ...] | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Sparsifiers: which coordinates of a flat vector are sent, and with which values.
 
-Each selector maps a flat float32 vector to (sorted int64 indices, values at those indices).
-Most send the original values; stochastic sparsification sends g_j / p_j to stay unbiased.
+Each selector maps a flat float32 vector to (sorted int64 indices, values at those indices),
+on the vector's device. Most send the original values; stochastic sparsification sends
+g_j / p_j to stay unbiased.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class TopK:
     def select(self, x: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         k = budget(x.numel(), self.ratio, self.k)
         if k == x.numel():
-            idx = torch.arange(k)
+            idx = torch.arange(k, device=x.device)
         else:
             idx = torch.topk(x.abs(), k, sorted=False).indices.sort().values
         return idx, x[idx]
@@ -54,7 +55,7 @@ class RandomK:
         k = budget(d, self.ratio, self.k)
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         picked = np.random.default_rng(seed).choice(d, size=k, replace=False) if k else np.zeros(0, np.int64)
-        idx = torch.from_numpy(np.sort(picked).astype(np.int64))
+        idx = torch.from_numpy(np.sort(picked).astype(np.int64)).to(x.device)
         return idx, x[idx]
 
 
@@ -104,6 +105,9 @@ class Stochastic:
         self.ratio, self.k = ratio, k
 
     def select(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        # On the CPU whatever the device: p* comes from float64 sums whose rounding depends on
+        # the reduction order, and a payload must not depend on where training ran.
+        x = x.cpu()
         p = optimal_probabilities(x, budget(x.numel(), self.ratio, self.k))
         keep = torch.rand(x.numel(), generator=generator, dtype=torch.float64) < p
         idx = torch.nonzero(keep).reshape(-1)
@@ -114,4 +118,4 @@ class Dense:
     """Every coordinate (for quantizers applied to the whole vector)."""
 
     def select(self, x: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.arange(x.numel()), x
+        return torch.arange(x.numel(), device=x.device), x

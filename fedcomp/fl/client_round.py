@@ -44,7 +44,7 @@ def uplink_compressor(rt: Runtime, state: ClientState, seed: int, config: Config
 
 @dataclass
 class LocalResult:
-    update: torch.Tensor  # local model minus the received one, flat, CPU
+    update: torch.Tensor  # local model minus the received one, flat, on the training device (the compressor's input)
     loss: float
     compute_s: float  # measured on the host (the simulated time is the server's model)
     num_examples: int
@@ -97,10 +97,11 @@ def train_round(
     result = local_training(rt, TrainingRequest(w, indices, seed, training, buffers), hook)
     if buffers is not None:
         state.put(M.OPT_STATE, buffers)
-    update = result.trained - w
+    update = result.trained - w.to(result.trained.device)
+    host = update.cpu()  # metrics and client-algorithm state on the CPU, as on a CPU run; the compressor takes ``update``
     samples = samples_trained(n, epochs=training["epochs"], steps=training["steps"], batch_size=training["batch_size"])
-    up_extras = rt.algorithm.encode(rt.algorithm.client_extras(update, state, extras, steps, training["lr"]))
-    return LocalResult(update, result.loss, result.compute_s, n, samples, mean_gradient_sq_norm(update, n, training), up_extras)
+    up_extras = rt.algorithm.encode(rt.algorithm.client_extras(host, state, extras, steps, training["lr"]))
+    return LocalResult(update, result.loss, result.compute_s, n, samples, mean_gradient_sq_norm(host, n, training), up_extras)
 
 
 def client_seed(cfg: DictConfig, config: ConfigRecord, partition_id: int) -> int:

@@ -34,7 +34,7 @@ class TrainingRequest:
     seed: int
     training: dict
     buffers: dict[str, torch.Tensor] | None
-    trained: torch.Tensor | None = None  # flat parameters after training (CPU)
+    trained: torch.Tensor | None = None  # flat parameters after training, on the training device
     loss: float = 0.0
     compute_s: float = 0.0
 
@@ -59,5 +59,5 @@ def local_training(rt: Runtime, request: TrainingRequest, grad_hook: Callable[[n
     request.loss = train_local(rt.model, rt.train.x, rt.train.y, request.indices, generator=torch.Generator().manual_seed(request.seed),
                                momentum_buffers=request.buffers, grad_hook=grad_hook, **request.training)
     request.compute_s = time.perf_counter() - start
-    request.trained = rt.flat_model()
+    request.trained = rt.layout.flatten(rt.model)
     return request

@@ -146,7 +146,7 @@ def hgc_round(rt: Runtime, msg: Message, state: ClientState, partition_id: int, 
     result = train_round(rt, w, state, partition_id, seed, config, msg.content.get(M.EXTRA))
     start = time.perf_counter()
     memory = state.tensor(M.UP_STATE, "residual")
-    x = result.update + (memory if memory is not None else 0)
+    x = result.update.cpu() + (memory if memory is not None else 0)  # HGC's client side runs on the CPU
     phase = rec["phase"]
     mask = torch.from_numpy(decode_indices(rec["mask"], d)) if phase == "member" else segments.select(x, float(rec["ratio"]))
     cuts = segments.cuts(mask)
