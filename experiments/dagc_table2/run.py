@@ -12,7 +12,7 @@ Top-delta, the two runs would be identical, so the DAGC (exact) cell reuses the 
 and the table says how many seeds did.
 
     .venv/bin/python experiments/dagc_table2/run.py [--series geometric] [--model cnn4] [--rounds 300]
-        [--seeds 0 1 2] [--jobs 2] [--set train.device=cuda ...]
+        [--seeds 0 1 2] [--jobs 2] [--table-only] [--set train.device=cuda ...]
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ def main() -> None:
     ap.add_argument("--means", type=float, nargs="+", default=[0.1, 0.01, 0.001])
     ap.add_argument("--steps", type=int, default=1, help="local SGD steps per round")
     ap.add_argument("--jobs", type=int, default=1, help="runs in parallel (one thread each)")
+    ap.add_argument("--table-only", action="store_true", help="tabulate the finished (recorded) runs, run nothing")
     ap.add_argument("--set", nargs="*", default=[], metavar="OVERRIDE",
                     help="extra overrides for every run, e.g. train.device=cuda dataset.root=DIR")
     args = ap.parse_args()
@@ -91,6 +92,9 @@ def main() -> None:
                     runs.setdefault(run, base + ov + args.set)
                     cells.append(((skew, mean, name), run))
     records = RESULTS / args.series / "runs"  # finished runs, kept so that seeds and cells can be added later
+    if args.table_only:
+        runs = {run: ov for run, ov in runs.items() if (records / f"{run.name}.json.gz").is_file() or (run / "summary.json").is_file()}
+        cells = [(cell, run) for cell, run in cells if run in runs]
     summaries = dict(zip(runs, run_many([(run, ov, records / f"{run.name}.json.gz") for run, ov in runs.items()], args.jobs)))
     accs: dict[tuple[float, float, str], list[float]] = {}
     on_gpu: dict[tuple[float, float, str], int] = {}
@@ -105,13 +109,13 @@ def main() -> None:
              "Accuracy after the last round; std over seeds (population std). DAGC (exact) shares the Top-delta",
              "run for the seeds listed (identical k on every client). Runs trained on a GPU (`train.device=cuda`)",
              "are counted in the last column; the others on CPU.", "",
-             "| skew ratio | mean ratio | method | accuracy mean | accuracy std | seeds shared with Top-delta | runs on GPU |",
-             "|---|---|---|---|---|---|---|"]
+             "| skew ratio | mean ratio | method | seeds run | accuracy mean | accuracy std | seeds shared with Top-delta | runs on GPU |",
+             "|---|---|---|---|---|---|---|---|"]
     out = {}
     for (skew, mean, name), a in accs.items():
         out[f"sr{skew:g}/d{mean:g}/{name}"] = a
         note = " ".join(map(str, shared.get((skew, mean), []))) if name == "DAGC (exact)" else ""
-        lines.append(f"| {skew:g} | {mean:g} | {name} | {np.mean(a):.4f} | {np.std(a):.4f} | {note} | {on_gpu[skew, mean, name]} |")
+        lines.append(f"| {skew:g} | {mean:g} | {name} | {len(a)} | {np.mean(a):.4f} | {np.std(a):.4f} | {note} | {on_gpu[skew, mean, name]} |")
     results = RESULTS / args.series
     write_results(results, lines, out)
     plot(accs, results / "accuracy.png")
