@@ -133,7 +133,7 @@ def plot(accs: dict[tuple[float, float, str], list[float]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(11, 4))
     width = 0.8 / len(names)
     for j, name in enumerate(names):
-        vals = [accs[skew, mean, name] for skew, mean in cells]
+        vals = [accs.get((skew, mean, name), [np.nan]) for skew, mean in cells]  # a cell not run yet has no bar
         ax.bar(np.arange(len(cells)) + j * width, [np.mean(v) for v in vals], width,
                yerr=[np.std(v) for v in vals], label=name, capsize=2)
     ax.set_xticks(np.arange(len(cells)) + 0.4 - width / 2, [f"SR {s:g}\nmean {m:g}" for s, m in cells])
