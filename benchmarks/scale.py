@@ -140,6 +140,7 @@ def main() -> None:
     previous = json.loads(RESULTS.read_text()) if args.update and RESULTS.is_file() else {"rows": [], "memory": []}
     rows: dict[tuple, dict] = {(r["model"], r["method"], r["engine"]): r for r in previous["rows"]}
     cohorts: dict[tuple, dict] = {(r["method"], r["clients"]): r for r in previous.get("cohorts", [])}
+    memory: list[dict] = previous["memory"]  # replaced below only when the memory cells run
     for n in args.cohorts:
         for method in ("fedavg", "hgc"):
             row = run_cell("mlp", method, "inline", args.rounds, 1.0, COHORT_STEPS, n)
@@ -147,7 +148,7 @@ def main() -> None:
             cohorts[method, n] = row
             print(f"cohort: mlp {method:>6} {n:5d} clients: {row.get('round_s', float('nan')) / n * 1e3:6.2f} ms per client-round "
                   f"{row.get('error', '')}", flush=True)
-            save(rows, previous["memory"], args.rounds, cohorts)
+            save(rows, memory, args.rounds, cohorts)
     for model in [] if args.memory_only or args.cohorts else args.models:
         plain = run_cell(model, "fedavg", "plain", args.rounds, 0.05)
         print(_format(plain, plain), flush=True)
@@ -159,10 +160,10 @@ def main() -> None:
                     row["plain_round_s"], row["over_plain"] = plain["round_s"], row["round_s"] / plain["round_s"]
                 rows[model, method, engine] = row
                 print(_format(row, plain), flush=True)
-    done = {(r["method"], tuple(r.get("extra", ()))): r for r in previous["memory"] if "error" not in r}
-    memory: list[dict] = []
     save(rows, memory, args.rounds, cohorts)
     if args.memory or args.memory_only:
+        done = {(r["method"], tuple(r.get("extra", ()))): r for r in previous["memory"] if "error" not in r}
+        memory = []
         for method, extra in MEMORY_CELLS:
             row = done.get((method, extra)) or run_cell("cnn4", method, "inline", 2, 1.0, extra)
             memory.append(row)

@@ -45,13 +45,18 @@ def load_record(path: Path) -> dict[str, Any]:
     return json.loads(gzip.decompress(path.read_bytes()))
 
 
+def finished(out_dir: Path, record: Path | None = None) -> bool:
+    """Whether a run is done: recorded, or its output directory holds its summary."""
+    return (record is not None and record.is_file()) or (out_dir / "summary.json").is_file()
+
+
 def run_once(out_dir: Path, overrides: list[str], label: str = "", env: dict[str, str] | None = None,
              record: Path | None = None) -> dict[str, Any]:
     """Run ``fedcomp <overrides>`` into ``out_dir`` unless it already holds a finished run, or
     ``record`` exists (then that is the run); a run made or found in ``out_dir`` is recorded there."""
     if record is not None and record.is_file():
         return load_record(record)
-    if not (out_dir / "summary.json").is_file():
+    if not finished(out_dir):
         print(f"running {label or out_dir.name}", flush=True)
         cmd = [sys.executable, "-m", "fedcomp", *overrides, "progress=false", f"hydra.run.dir={out_dir}"]
         subprocess.run(cmd, check=True, env=env)

@@ -28,7 +28,7 @@ from fedcomp.config import compose_config
 from fedcomp.data import load_dataset
 from fedcomp.models import StateLayout, build_model
 from fedcomp.partition import make_partition
-from fedcomp.runs import run_many, write_results
+from fedcomp.runs import finished, run_many, write_results
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNS = ROOT / "outputs" / "dagc_table2"
@@ -91,11 +91,12 @@ def main() -> None:
                     run = RUNS / f"{prefix}r{args.rounds}x{args.steps}_sr{skew:g}_d{mean:g}_s{seed}_{tag}"
                     runs.setdefault(run, base + ov + args.set)
                     cells.append(((skew, mean, name), run))
-    records = RESULTS / args.series / "runs"  # finished runs, kept so that seeds and cells can be added later
+    # finished runs are kept as records, so that seeds and cells can be added later
+    record = {run: RESULTS / args.series / "runs" / f"{run.name}.json.gz" for run in runs}
     if args.table_only:
-        runs = {run: ov for run, ov in runs.items() if (records / f"{run.name}.json.gz").is_file() or (run / "summary.json").is_file()}
+        runs = {run: ov for run, ov in runs.items() if finished(run, record[run])}
         cells = [(cell, run) for cell, run in cells if run in runs]
-    summaries = dict(zip(runs, run_many([(run, ov, records / f"{run.name}.json.gz") for run, ov in runs.items()], args.jobs)))
+    summaries = dict(zip(runs, run_many([(run, ov, record[run]) for run, ov in runs.items()], args.jobs)))
     accs: dict[tuple[float, float, str], list[float]] = {}
     on_gpu: dict[tuple[float, float, str], int] = {}
     for cell, run in cells:

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from fedcomp.metrics.accounting import speedup
-from fedcomp.runs import run_many, write_results
+from fedcomp.runs import finished, run_many, write_results
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNS = ROOT / "outputs" / "hgc_table2"
@@ -148,12 +148,12 @@ def main() -> None:
     # --table-only: what has finished (recorded runs, and runs in outputs/, recorded now); the
     # whole default plan's other cells are listed under the table as not run.
     if args.table_only:
-        cells = [c for c in cells if c[-1].is_file() or (c[3] / "summary.json").is_file()]
-    finished = run_many([(out, ov, record) for *_, out, ov, record in cells], jobs=args.jobs)
+        cells = [c for c in cells if finished(c[3], c[-1])]
+    done = run_many([(out, ov, record) for *_, out, ov, record in cells], jobs=args.jobs)
     missing = [f"{setting} {name} seed {seed}" for setting, name, seed, _, _, record in plan(args.rounds, [0, 1, 2], list(SETTINGS))
                if not record.is_file()]
     runs: dict[str, dict[str, dict[int, dict]]] = {}
-    for (setting, name, seed, *_), run in zip(cells, finished):
+    for (setting, name, seed, *_), run in zip(cells, done):
         runs.setdefault(setting, {}).setdefault(name, {})[seed] = run
     tabulate(runs, args.rounds, missing)
 
