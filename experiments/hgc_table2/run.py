@@ -1,6 +1,7 @@
 """Reproduce HGC's Tables 2-4 on FashionMNIST with cnn4 (003_... Sec. 5), on one recipe for all.
 
-    .venv/bin/python experiments/hgc_table2/run.py [--rounds 3000] [--seeds 0 1 2] [--only 4iid|10dir] [--jobs 2]
+    .venv/bin/python experiments/hgc_table2/run.py [--rounds 3000] [--seeds 0 1 2] [--only 4iid|10dir]
+        [--methods FedAvg HGC] [--jobs 2] [--table-only]
 
 Recipe, shared by every method (the paper's FedAvg baseline as its reference code, SOFF, runs
 it): one local SGD step of batch 32 per round, lr 0.05 divided by 10 at 50% and 75% of the
@@ -142,14 +143,22 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--table-only", action="store_true", help="tabulate the finished runs, run nothing")
     ap.add_argument("--every-seed", action="store_true", help="every method on every seed (default: FedAvg and HGC)")
+    ap.add_argument("--methods", nargs="+", metavar="NAME", help="run only these methods of the plan (e.g. FedAvg HGC)")
     args = ap.parse_args()
     settings = [args.only] if args.only else list(SETTINGS)
-    cells = plan(args.rounds, args.seeds, settings, args.every_seed)
-    # --table-only: what has finished (recorded runs, and runs in outputs/, recorded now); the
-    # whole default plan's other cells are listed under the table as not run.
-    if args.table_only:
-        cells = [c for c in cells if finished(c[3], c[-1])]
-    done = run_many([(out, ov, record) for *_, out, ov, record in cells], jobs=args.jobs)
+    todo = plan(args.rounds, args.seeds, settings, args.every_seed)
+    if args.methods:
+        unknown = set(args.methods) - set(methods(args.rounds))
+        if unknown:
+            ap.error(f"unknown methods {sorted(unknown)}; known: {sorted(methods(args.rounds))}")
+        todo = [c for c in todo if c[1] in args.methods]
+    if not args.table_only:
+        run_many([(out, ov, record) for *_, out, ov, record in todo], jobs=args.jobs)
+    # The table covers every finished run of this round count (recorded, or in outputs/ and
+    # recorded now), whatever this call ran; the default plan's other cells are listed as not run.
+    seeds = sorted({0, 1, 2, *args.seeds})
+    cells = [c for c in plan(args.rounds, seeds, list(SETTINGS), every_seed=True) if finished(c[3], c[-1])]
+    done = run_many([(out, ov, record) for *_, out, ov, record in cells])
     missing = [f"{setting} {name} seed {seed}" for setting, name, seed, _, _, record in plan(args.rounds, [0, 1, 2], list(SETTINGS))
                if not record.is_file()]
     runs: dict[str, dict[str, dict[int, dict]]] = {}
