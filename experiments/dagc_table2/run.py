@@ -58,6 +58,36 @@ def same_k_as_uniform(weights: np.ndarray, d: int, mean: float) -> bool:
     return all(budget(d, float(r), None) == budget(d, mean, None) for r in dagc_ratios(weights, mean, "exact"))
 
 
+Cell = tuple[float, float, str]  # (skew ratio, mean ratio, method)
+
+
+def grid(args: argparse.Namespace, skews: list[float], means: list[float], seeds: list[int]
+         ) -> tuple[dict[Path, list[str]], list[tuple[Cell, Path]], dict[tuple[float, float], list[int]]]:
+    """The runs of a (skew x mean x seed) grid: overrides per run directory, the table cell each run
+    counts for, and the seeds on which DAGC (exact) shares Top-delta's run."""
+    runs: dict[Path, list[str]] = {}
+    cells: list[tuple[Cell, Path]] = []
+    shared: dict[tuple[float, float], list[int]] = {}
+    for skew in skews:
+        for seed in seeds:
+            base = ["dataset=fmnist", f"model={args.model}", "simulation.num_clients=10", "partition=volume_skew",
+                    f"partition.skew_ratio={skew}", "partition.label_alpha=0.5", f"partition.series={args.series}",
+                    "compressor=topk", f"num_rounds={args.rounds}", f"train.steps={args.steps}", f"eval_every={args.rounds}",
+                    f"seed={seed}"]
+            weights, d = partition_weights(base)
+            for mean in means:
+                reuse = same_k_as_uniform(weights, d, mean)
+                if reuse:
+                    shared.setdefault((skew, mean), []).append(seed)
+                for name, ov in methods(weights, mean).items():
+                    tag = "Top-delta" if reuse and name == "DAGC (exact)" else name.replace(" ", "_").replace("(", "").replace(")", "")
+                    prefix = "" if args.series == "arithmetic" and args.model == "cnn4" else f"{args.series}_{args.model}_"
+                    run = RUNS / f"{prefix}r{args.rounds}x{args.steps}_sr{skew:g}_d{mean:g}_s{seed}_{tag}"
+                    runs.setdefault(run, base + ov + args.set)
+                    cells.append(((skew, mean, name), run))
+    return runs, sorted(cells, key=lambda c: (c[0][0], -c[0][1])), shared
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--series", choices=["geometric", "arithmetic"], default="geometric")
@@ -72,38 +102,26 @@ def main() -> None:
     ap.add_argument("--set", nargs="*", default=[], metavar="OVERRIDE",
                     help="extra overrides for every run, e.g. train.device=cuda dataset.root=DIR")
     args = ap.parse_args()
-    runs, cells = {}, []
-    shared: dict[tuple[float, float], list[int]] = {}
-    for skew in args.skews:
-        for mean in args.means:
-            for seed in args.seeds:
-                base = ["dataset=fmnist", f"model={args.model}", "simulation.num_clients=10", "partition=volume_skew",
-                        f"partition.skew_ratio={skew}", "partition.label_alpha=0.5", f"partition.series={args.series}",
-                        "compressor=topk", f"num_rounds={args.rounds}", f"train.steps={args.steps}", f"eval_every={args.rounds}",
-                        f"seed={seed}"]
-                weights, d = partition_weights(base)
-                reuse = same_k_as_uniform(weights, d, mean)
-                if reuse:
-                    shared.setdefault((skew, mean), []).append(seed)
-                for name, ov in methods(weights, mean).items():
-                    tag = "Top-delta" if reuse and name == "DAGC (exact)" else name.replace(" ", "_").replace("(", "").replace(")", "")
-                    prefix = "" if args.series == "arithmetic" and args.model == "cnn4" else f"{args.series}_{args.model}_"
-                    run = RUNS / f"{prefix}r{args.rounds}x{args.steps}_sr{skew:g}_d{mean:g}_s{seed}_{tag}"
-                    runs.setdefault(run, base + ov + args.set)
-                    cells.append(((skew, mean, name), run))
     # finished runs are kept as records, so that seeds and cells can be added later
-    record = {run: RESULTS / args.series / "runs" / f"{run.name}.json.gz" for run in runs}
-    if args.table_only:
-        runs = {run: ov for run, ov in runs.items() if finished(run, record[run])}
-        cells = [(cell, run) for cell, run in cells if run in runs]
-    summaries = dict(zip(runs, run_many([(run, ov, record[run]) for run, ov in runs.items()], args.jobs)))
-    accs: dict[tuple[float, float, str], list[float]] = {}
-    on_gpu: dict[tuple[float, float, str], int] = {}
+    records = RESULTS / args.series / "runs"
+    if not args.table_only:
+        todo, _, _ = grid(args, args.skews, args.means, args.seeds)
+        run_many([(run, ov, records / f"{run.name}.json.gz") for run, ov in todo.items()], args.jobs)
+    # The table covers every finished run of the default grid and of this call's, whatever this call ran.
+    runs, cells, shared = grid(args, sorted({10.0, 100.0, 1000.0, *args.skews}), sorted({0.1, 0.01, 0.001, *args.means}),
+                               sorted({0, 1, 2, *args.seeds}))
+    runs = {run: ov for run, ov in runs.items() if finished(run, records / f"{run.name}.json.gz")}
+    cells = [(cell, run) for cell, run in cells if run in runs]
+    if not cells:
+        raise SystemExit(f"no recorded runs under {records}: nothing to tabulate (the table there is left as it is)")
+    summaries = dict(zip(runs, run_many([(run, ov, records / f"{run.name}.json.gz") for run, ov in runs.items()])))
+    accs: dict[Cell, list[float]] = {}
+    on_gpu: dict[Cell, int] = {}
     for cell, run in cells:
         accs.setdefault(cell, []).append(summaries[run]["final_accuracy"])
         on_gpu[cell] = on_gpu.get(cell, 0) + (summaries[run]["config"]["train"].get("device", "cpu") != "cpu")
     lines = [f"# DAGC Table II style on FashionMNIST / {args.model}, {args.series} skew series "
-             f"({args.rounds} rounds x {args.steps} local steps, seeds {args.seeds})", "",
+             f"({args.rounds} rounds x {args.steps} local steps, every recorded seed)", "",
              f"Regenerate: `.venv/bin/python experiments/dagc_table2/run.py --series {args.series} --model {args.model} "
              f"--rounds {args.rounds} --steps {args.steps}" + "".join(f" --set {o}" for o in args.set) + "`", "",
              "Recipe (every method): top-k with error feedback, one SGD step of batch 32 per round, lr 0.05, no momentum.", "",
