@@ -15,7 +15,14 @@ from fedcomp.fl.runtime import get_runtime
 from fedcomp.fl.server_app import build_strategy
 from fedcomp.hgc.codec import Entry, decode_uplink, encode_uplink, entry_mask, entry_values
 from fedcomp.hgc.predictor import Predictor, xor_residue
-from fedcomp.hgc.quantizer import dequantize_levels, dequantize_segments, quantize_levels, quantize_segments
+from fedcomp.hgc.quantizer import (
+    _ranked_levels,
+    _sign_means,
+    dequantize_levels,
+    dequantize_segments,
+    quantize_levels,
+    quantize_segments,
+)
 from fedcomp.hgc.schedule import lr_step_adjusted_ratio, warmup_ratio
 from fedcomp.hgc.segments import Segments
 from fedcomp.wire import PayloadError
@@ -38,6 +45,18 @@ def test_level_quantizer_eq3(n, bits, seed):
         assert means[level] == pytest.approx(float(x[torch.from_numpy(symbols == level)].mean()), rel=1e-5, abs=1e-6)
     order = np.argsort(x.numpy(), kind="stable")
     assert np.all(np.diff(symbols[order]) >= 0)  # symbol order follows value order
+
+
+@settings(max_examples=200, deadline=None)
+@given(values=st.lists(st.sampled_from([0.0, -0.0, 1e-30, -1e-30, 0.1, -0.1, 3.0, -3.0, 1e8, -1e8]) | st.floats(-1e6, 1e6, width=32),
+                       max_size=60))
+def test_one_bit_fast_path_is_the_ranked_quantizer_bit_for_bit(values):
+    """Ties, signed zeros and wide exponent ranges: the sort-free 1-bit path must give the
+    general path's symbols and level bits exactly (payloads depend on them)."""
+    v = np.asarray(values, dtype=np.float64)
+    fast, ranked = _sign_means(v), _ranked_levels(v, 1)
+    assert np.array_equal(fast[0], ranked[0])
+    assert fast[1].tobytes() == ranked[1].tobytes()
 
 
 def test_one_bit_is_sign_with_per_sign_means():

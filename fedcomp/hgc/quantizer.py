@@ -21,7 +21,13 @@ def quantize_levels(values: torch.Tensor, bits: int) -> tuple[np.ndarray, np.nda
     if not 1 <= bits <= 8:
         raise ValueError(f"quantization bits must be in 1..8, got {bits}")
     v = values.detach().double().numpy().reshape(-1)
-    half = 1 << (bits - 1)
+    return _sign_means(v) if bits == 1 else _ranked_levels(v, 1 << (bits - 1))
+
+
+def _ranked_levels(v: np.ndarray, half: int) -> tuple[np.ndarray, np.ndarray]:
+    """Eq. 3 with ``half`` levels per sign: each sign's values ranked (ties by position) and cut
+    into ``half`` groups of nearly equal count; a group's level is the sum of its values in
+    rank order over its count."""
     symbols = np.zeros(v.size, dtype=np.int64)
     means = np.zeros(2 * half, dtype=np.float64)
     for sign_offset, members in ((0, np.flatnonzero(v < 0)), (half, np.flatnonzero(v >= 0))):
@@ -35,6 +41,19 @@ def quantize_levels(values: torch.Tensor, bits: int) -> tuple[np.ndarray, np.nda
         counts = np.bincount(group, minlength=half)
         means[sign_offset : sign_offset + half] = np.divide(sums, counts, out=np.zeros(half), where=counts > 0)
     return symbols, means.astype(np.float32)
+
+
+def _sign_means(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``_ranked_levels`` with one level per sign, bit for bit: every value is in its sign's
+    only group, so no ranks are needed, only the values in ascending order for the sum (a
+    value sort, 2-3x faster than the stable index sort; tied values are equal, so the order
+    of the terms is the same). Starting the sum from +0.0 as ``bincount`` does keeps the sign
+    of an all-zero group's level."""
+    means = np.zeros(2, dtype=np.float64)
+    for level, part in enumerate((v[v < 0], v[v >= 0])):
+        if part.size:
+            means[level] = (np.cumsum(np.sort(part))[-1] + 0.0) / part.size
+    return (v >= 0).astype(np.int64), means.astype(np.float32)
 
 
 def dequantize_levels(symbols: np.ndarray, means: np.ndarray) -> torch.Tensor:
