@@ -5,7 +5,9 @@ lr 0.05; models mlp and cnn4; methods FedAvg, top-k 1% with error feedback, HGC 
 Each engine (inline, pool, batched; ray on request) runs R rounds in a fresh process; its
 per-round time is the median over rounds 2..R-1 (round 1 warms up, the last evaluates) and is
 reported over the *plain loop*: the same 50 clients' training as a sequential PyTorch loop
-with no Flower, no compression, on the same machine and threads. Peak RSS is the cell
+with no Flower, no compression, on the same machine and threads. The plain cell also measures
+the limits: the loop's training FLOP rate against the machine's sgemm rate, and the batched
+engine's vmapped training alone (no Flower, no compression) over the loop. Peak RSS is the cell
 process's (pool: plus its largest worker's); state MB/client is the client-state store's bytes
 over the clients holding state (fedcomp's in-process engines).
 
@@ -79,6 +81,7 @@ def cell(model: str, method: str, engine: str, rounds: int, fraction: float, ext
     if engine == "plain":
         per_round = plain_loop(cfg, rounds, per_round=round(fraction * 1000))
         out["round_s"] = statistics.median(per_round[1:-1])
+        out.update(training_limits(cfg, rounds, round(fraction * 1000), out["round_s"]))
     elif engine in ("inline", "batched"):
         out.update(_in_process(cfg, engine))
     else:
@@ -86,6 +89,49 @@ def cell(model: str, method: str, engine: str, rounds: int, fraction: float, ext
         out["round_s"], out["startup_s"] = statistics.median(per_round[1:-1]), total - sum(per_round)
     out["rss_mb"], out["child_rss_mb"] = peak_rss_mb()
     return out
+
+
+def sgemm_gflops(threads: int, n: int = 1024, repeat: int = 20) -> float:
+    """The machine's float32 matrix-product rate at ``threads`` threads (best of ``repeat``)."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeat))
+    return 2 * n**3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def training_limits(cfg, rounds: int, per_round: int, plain_round_s: float) -> dict:
+    """What bounds the engines' training: the plain loop's FLOP rate against the machine's
+    sgemm rate (batching cannot beat the loop by more than their ratio when the loop is
+    compute-bound), and the batched engine's vmapped training alone (``train_cohort``, no
+    Flower, no compression) over the plain loop, on the same clients and work."""
+    from fedcomp.fl.batched import train_cohort
+    from fedcomp.fl.cohort import TrainingRequest
+    from fedcomp.fl.local import samples_trained
+    from fedcomp.fl.runtime import get_runtime
+
+    rt = get_runtime(cfg)
+    threads = torch.get_num_threads()
+    w = rt.layout.flatten(rt.new_model())
+    rng = torch.Generator().manual_seed(cfg.seed)
+    t = rt.local_training
+    cohorts = [torch.randperm(cfg.simulation.num_clients, generator=rng)[:per_round].tolist() for _ in range(rounds)]
+    samples = statistics.mean(sum(samples_trained(len(rt.client_indices(c)), epochs=t["epochs"], steps=t["steps"],
+                                                  batch_size=t["batch_size"]) for c in cohort) for cohort in cohorts)
+    flops = rt.training_flops * samples
+    kernel = [_timed(lambda cohort=cohort, r=r: train_cohort(rt, [TrainingRequest(w, rt.client_indices(c), r * 100003 + c, t, None)
+                                                                   for c in cohort]))
+              for r, cohort in enumerate(cohorts)]
+    peak = sgemm_gflops(threads)
+    plain = flops / plain_round_s / 1e9
+    return {"training_gflop_per_round": flops / 1e9, "plain_gflops": plain, "sgemm_gflops": peak, "plain_of_sgemm": plain / peak,
+            "vmapped_training_s": statistics.median(kernel[1:]), "vmapped_training_over_plain": statistics.median(kernel[1:]) / plain_round_s}
 
 
 def _in_process(cfg, engine: str) -> dict:
@@ -170,6 +216,10 @@ def main() -> None:
             save(rows, memory, args.rounds, cohorts)  # each cell takes minutes: keep what is done
             print(f"memory: cnn4 {method} {' '.join(extra)} 1000 clients all training: peak RSS {row.get('rss_mb', float('nan')) / 1024:.2f} GB, "
                   f"state {row.get('state_gb', float('nan')):.2f} GB ({row.get('state_mb_per_client', float('nan')):.2f} MB/client) {row.get('error', '')}", flush=True)
+    for model in [] if args.memory_only or args.cohorts else args.models:
+        p = rows[model, "fedavg", "plain"]
+        print(f"{model}: plain loop {p['plain_gflops']:.1f} GFLOP/s = {100 * p['plain_of_sgemm']:.0f}% of sgemm ({p['sgemm_gflops']:.1f} GFLOP/s); "
+              f"vmapped training alone {p['vmapped_training_over_plain']:.2f}x the plain loop")
     print(f"wrote {RESULTS}")
 
 

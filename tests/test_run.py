@@ -98,11 +98,14 @@ def test_synthetic_smoke_run_from_cli(tmp_path):
     assert len(read_jsonl(tmp_path / "metrics.jsonl")) == 2
 
 
-def test_a_run_does_not_import_the_compiler_stack_or_scipy(tmp_path):
-    """Start-up: torch._dynamo (first use of torch.optim or of FlopCounterMode) and
-    scipy.optimize cost seconds per run and per sweep cell; neither is needed by a plain run."""
+@pytest.mark.parametrize("backend", ["inline", "batched"])
+def test_a_run_does_not_import_the_compiler_stack_or_scipy(tmp_path, backend):
+    """Start-up: torch._dynamo (first use of torch.optim, of FlopCounterMode or of
+    torch.func.grad) and scipy.optimize cost seconds per run and per sweep cell; neither is
+    needed by a plain run, on the inline or the batched engine."""
     script = ("import sys; sys.argv = ['fedcomp', 'dataset=synthetic', 'simulation.num_clients=2', 'num_rounds=1', "
-              f"'hydra.run.dir={tmp_path}']\nfrom fedcomp.cli import main\ntry:\n    main()\nexcept SystemExit:\n    pass\n"
+              f"'simulation.backend={backend}', 'hydra.run.dir={tmp_path}']\n"
+              "from fedcomp.cli import main\ntry:\n    main()\nexcept SystemExit:\n    pass\n"
               "print(sorted(m for m in ('torch._dynamo', 'scipy.optimize') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -11,8 +11,8 @@ compressors and state as on every engine.
 ``train_cohort`` groups requests that take the same steps (shard size, batch size, epochs or
 steps, learning rate, momentum, weight decay, whether momentum is carried) and runs each group
 with ``torch.func``: per-client parameters stacked on a leading axis, per-client batches drawn
-from each client's own generator exactly as ``train_local`` draws them, ``vmap(grad)`` for the
-gradients and ``LocalSGD``'s update arithmetic on the stacked tensors. Results equal the
+from each client's own generator exactly as ``train_local`` draws them, a vmapped forward pass
+and one backward pass for every client's gradients, and ``LocalSGD``'s update arithmetic on the stacked tensors. Results equal the
 sequential ones up to floating-point summation order inside the batched kernels.
 
 Supported: models without buffers or randomness in training (no batch norm, no dropout:
@@ -31,7 +31,7 @@ import torch
 from flwr.app import Message
 from omegaconf import DictConfig
 from torch import nn
-from torch.func import functional_call, grad_and_value, vmap
+from torch.func import functional_call, vmap
 
 from fedcomp.fl.client_app import make_client_app
 from fedcomp.fl.cohort import TrainingRequest, set_parking
@@ -85,7 +85,7 @@ def _train_group(rt: Runtime, group: list[TrainingRequest]) -> None:
     names = [name for name, _ in model.named_parameters()]
     carried = group[0].buffers is not None and momentum > 0
     flats = torch.stack([r.w for r in group]).to(device)
-    params = {name: chunk.reshape(len(group), *shape).clone()
+    params = {name: chunk.reshape(len(group), *shape).clone().requires_grad_()
               for name, chunk, shape in zip(layout.names, torch.split(flats, layout.sizes, dim=1), layout.shapes)}
     buffers = {name: torch.stack([r.buffers[name] for r in group]).to(device) for name in names
                if carried and name in group[0].buffers}
@@ -94,14 +94,19 @@ def _train_group(rt: Runtime, group: list[TrainingRequest]) -> None:
     def loss_of(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return nn.functional.cross_entropy(functional_call(model, p, (x,)), y)
 
-    grads_and_losses = vmap(grad_and_value(loss_of))
+    # Only the forward pass is vmapped; one backward of the summed losses gives every client's
+    # gradient (client i's loss depends on its own parameters only). torch.func.grad would do
+    # the same but imports torch._dynamo on first use: seconds of start-up.
+    losses_of = vmap(loss_of)
+    leaves = [params[name] for name in names]
     loss_sum = torch.zeros(len(group), device=device)
     x, y = rt.train.x, rt.train.y
     with torch.no_grad():
         for batch in steps:
             idx = torch.stack(batch).to(device)
             with torch.enable_grad():
-                grads, losses = grads_and_losses(params, x[idx], y[idx])
+                losses = losses_of(params, x[idx], y[idx])
+                grads = dict(zip(names, torch.autograd.grad(losses.sum(), leaves)))
             for name in names:
                 p, d = params[name], grads[name]
                 if weight_decay != 0:
@@ -112,7 +117,7 @@ def _train_group(rt: Runtime, group: list[TrainingRequest]) -> None:
                     else:
                         d = buffers[name] = torch.clone(d)
                 p.add_(d, alpha=-lr)
-            loss_sum += losses
+            loss_sum += losses.detach()
     trained = torch.cat([params[name].reshape(len(group), -1) for name in layout.names], dim=1)
     for i, request in enumerate(group):
         request.trained = trained[i]
