@@ -134,7 +134,8 @@ def main() -> None:
     for (skew, mean, name), a in accs.items():
         out[f"sr{skew:g}/d{mean:g}/{name}"] = a
         note = " ".join(map(str, shared.get((skew, mean), []))) if name == "DAGC (exact)" else ""
-        lines.append(f"| {skew:g} | {mean:g} | {name} | {len(a)} | {np.mean(a):.4f} | {np.std(a):.4f} | {note} | {on_gpu[skew, mean, name]} |")
+        spread = f"{np.std(a):.4f}" if len(a) > 1 else "-"
+        lines.append(f"| {skew:g} | {mean:g} | {name} | {len(a)} | {np.mean(a):.4f} | {spread} | {note} | {on_gpu[skew, mean, name]} |")
     results = RESULTS / args.series
     write_results(results, lines, out)
     plot(accs, results / "accuracy.png")
