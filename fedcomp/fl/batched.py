@@ -106,7 +106,7 @@ def _train_group(rt: Runtime, group: list[TrainingRequest]) -> None:
             idx = torch.stack(batch).to(device)
             with torch.enable_grad():
                 losses = losses_of(params, x[idx], y[idx])
-                grads = dict(zip(names, torch.autograd.grad(losses.sum(), leaves)))
+                grads = dict(zip(names, torch.autograd.grad(losses.sum(), leaves, allow_unused=True, materialize_grads=True)))
             for name in names:
                 p, d = params[name], grads[name]
                 if weight_decay != 0:
