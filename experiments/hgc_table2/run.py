@@ -15,7 +15,8 @@ sparsifier warms up from 25% to its ratio over the paper's 300 rounds.
 Settings: 4 clients with IID data (the paper's client count) and 10 clients with
 Dirichlet(0.5) labels. Methods: FedAvg, DGC, EF-signSGD, STC (0.1%, both ways), HGC at 0.1%
 and 1 bit with Sec. 3.2's window (ratio 1% for 1% of the rounds either side of each LR step,
-then error feedback and momentum cleared); on 4 IID clients also HGC at (1%, 1 bit),
+then error feedback and momentum cleared), and with that window 10% of the rounds either side
+(SOFF's default: ``--ugc.correction-epochs 20`` of 200 epochs); on 4 IID clients also HGC at (1%, 1 bit),
 (0.1%, 2 bits), with the paper's fp32 downlink, and, for Table 3 (first seed), with the
 temporal (prediction) and cross-client (shared mask) mechanisms switched off.
 
@@ -50,6 +51,7 @@ MAIN = ("HGC", "FedAvg", "DGC", "EF-signSGD", "STC")  # in both settings
 CLAIM = ("HGC", "FedAvg")  # the comparison the paper's claim is about: every seed (others: the first seed)
 EXTRA = ("HGC (1%, 1 bit)", "HGC (0.1%, 2 bits)", "HGC (paper downlink)")  # 4 IID clients only
 ABLATIONS = ("HGC | no prediction", "HGC | no prediction, own masks")  # Table 3, first seed, 4 IID
+WINDOW = ("HGC (SOFF window)",)  # Sec. 3.2's window as long as SOFF's default: first seed, both settings
 
 
 def recipe(rounds: int) -> list[str]:
@@ -63,9 +65,8 @@ def recipe(rounds: int) -> list[str]:
 
 def methods(rounds: int) -> dict[str, list[str]]:
     warm = min(PAPER_WARMUP, rounds // 10)
-    window = max(1, rounds // 100)
 
-    def hgc(ratio: float, bits: int, *extra: str) -> list[str]:
+    def hgc(ratio: float, bits: int, *extra: str, window: int = max(1, rounds // 100)) -> list[str]:
         return ["strategy=hgc", f"strategy.ratio={ratio}", f"strategy.bits={bits}", f"strategy.warmup_rounds={warm}",
                 f"strategy.lr_step_window={window}", "strategy.lr_step_ratio=0.01", *extra]
 
@@ -78,6 +79,7 @@ def methods(rounds: int) -> dict[str, list[str]]:
         "HGC (1%, 1 bit)": hgc(0.01, 1),
         "HGC (0.1%, 2 bits)": hgc(0.001, 2),
         "HGC (paper downlink)": hgc(0.001, 1, "strategy.broadcast=paper"),
+        "HGC (SOFF window)": hgc(0.001, 1, window=rounds // 10),
         "HGC | no prediction": hgc(0.001, 1, "strategy.predictive=false"),
         "HGC | no prediction, own masks": hgc(0.001, 1, "strategy.predictive=false", "strategy.mask_policy=own"),
     }
@@ -99,6 +101,7 @@ def plan(rounds: int, seeds: list[int], settings: list[str], every_seed: bool = 
                 names = CLAIM
             else:
                 names = MAIN + (EXTRA + (ABLATIONS if seed == seeds[0] else ()) if setting == "4iid" else ())
+                names += WINDOW if seed == seeds[0] else ()
             for name in names:
                 where = Path(f"r{rounds}_{RECIPE}") / setting / f"s{seed}" / slug(name)
                 out.append((setting, name, seed, RUNS / where, [*recipe(rounds), *SETTINGS[setting], *table[name], f"seed={seed}"],
