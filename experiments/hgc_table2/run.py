@@ -229,7 +229,9 @@ def tabulate(runs: dict[str, dict[str, dict[int, dict]]], rounds: int, missing: 
             for stat, label in (("max_cr", "Max CR up"), ("total_cr", "Total CR up")):
                 full, nopred, own = (methods_[n][min(methods_[n])][stat]["up"] for n in ("HGC", *ABLATIONS))
                 lines.append(f"| {label} | 0.001, 1 | {fmt(own)} | {fmt(nopred / own)} | {fmt(full / nopred)} | {fmt(full)} |")
-            lines.append("")
+            acc = {n: methods_[n][min(methods_[n])]["final_accuracy"] for n in ("HGC", *ABLATIONS)}
+            lines += ["", f"Final accuracy: own masks, no prediction {acc[ABLATIONS[1]]:.4f}; shared mask, no prediction "
+                      f"{acc[ABLATIONS[0]]:.4f}; shared mask with prediction (HGC) {acc['HGC']:.4f}.", ""]
         if setting == "4iid":
             lines += ["## Table 4: HGC variants over the whole run (4 clients, IID)", "",
                       "| (k/d, q) | Total CR up | speedup | accuracy |", "|---|---|---|---|"]
