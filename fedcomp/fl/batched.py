@@ -12,8 +12,9 @@ compressors and state as on every engine.
 steps, learning rate, momentum, weight decay, whether momentum is carried) and runs each group
 with ``torch.func``: per-client parameters stacked on a leading axis, per-client batches drawn
 from each client's own generator exactly as ``train_local`` draws them, a vmapped forward pass
-and one backward pass for every client's gradients, and ``LocalSGD``'s update arithmetic on the stacked tensors. Results equal the
-sequential ones up to floating-point summation order inside the batched kernels.
+and one backward pass for every client's gradients, and ``LocalSGD``'s update arithmetic on
+the stacked tensors. Results equal the sequential ones up to floating-point summation order
+inside the batched kernels.
 
 Supported: models without buffers or randomness in training (no batch norm, no dropout:
 ``check_model``); client algorithms with a gradient hook (FedProx, SCAFFOLD) and HGC rounds
