@@ -62,12 +62,12 @@ Cell = tuple[float, float, str]  # (skew ratio, mean ratio, method)
 
 
 def grid(args: argparse.Namespace, skews: list[float], means: list[float], seeds: list[int]
-         ) -> tuple[dict[Path, list[str]], list[tuple[Cell, Path]], dict[tuple[float, float], list[int]]]:
+         ) -> tuple[dict[Path, list[str]], list[tuple[Cell, Path]], dict[tuple[float, float], list[tuple[int, Path]]]]:
     """The runs of a (skew x mean x seed) grid: overrides per run directory, the table cell each run
-    counts for, and the seeds on which DAGC (exact) shares Top-delta's run."""
+    counts for, and the (seed, run) pairs in which DAGC (exact) shares Top-delta's run."""
     runs: dict[Path, list[str]] = {}
     cells: list[tuple[Cell, Path]] = []
-    shared: dict[tuple[float, float], list[int]] = {}
+    shared: dict[tuple[float, float], list[tuple[int, Path]]] = {}
     for skew in skews:
         for seed in seeds:
             base = ["dataset=fmnist", f"model={args.model}", "simulation.num_clients=10", "partition=volume_skew",
@@ -77,14 +77,14 @@ def grid(args: argparse.Namespace, skews: list[float], means: list[float], seeds
             weights, d = partition_weights(base)
             for mean in means:
                 reuse = same_k_as_uniform(weights, d, mean)
-                if reuse:
-                    shared.setdefault((skew, mean), []).append(seed)
                 for name, ov in methods(weights, mean).items():
                     tag = "Top-delta" if reuse and name == "DAGC (exact)" else name.replace(" ", "_").replace("(", "").replace(")", "")
                     prefix = "" if args.series == "arithmetic" and args.model == "cnn4" else f"{args.series}_{args.model}_"
                     run = RUNS / f"{prefix}r{args.rounds}x{args.steps}_sr{skew:g}_d{mean:g}_s{seed}_{tag}"
                     runs.setdefault(run, base + ov + args.set)
                     cells.append(((skew, mean, name), run))
+                    if reuse and name == "DAGC (exact)":
+                        shared.setdefault((skew, mean), []).append((seed, run))
     return runs, sorted(cells, key=lambda c: (c[0][0], -c[0][1])), shared
 
 
@@ -133,7 +133,7 @@ def main() -> None:
     out = {}
     for (skew, mean, name), a in accs.items():
         out[f"sr{skew:g}/d{mean:g}/{name}"] = a
-        note = " ".join(map(str, shared.get((skew, mean), []))) if name == "DAGC (exact)" else ""
+        note = " ".join(str(seed) for seed, run in shared.get((skew, mean), []) if run in runs) if name == "DAGC (exact)" else ""
         spread = f"{np.std(a):.4f}" if len(a) > 1 else "-"
         lines.append(f"| {skew:g} | {mean:g} | {name} | {len(a)} | {np.mean(a):.4f} | {spread} | {note} | {on_gpu[skew, mean, name]} |")
     results = RESULTS / args.series
