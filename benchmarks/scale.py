@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 # isort: off
-import fedcomp  # noqa: F401 -- before torch, so that fedcomp's OpenMP wait policy holds here as in a run
+import fedcomp  # noqa: F401 -- before torch, so that fedcomp's OpenMP spin limit holds here as in a run
 # isort: on
 import torch
 from overhead import fedcomp_rounds, plain_loop

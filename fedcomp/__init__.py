@@ -2,11 +2,13 @@
 
 import os
 
-# OpenMP worker threads that spin while they wait for work take the cores from everything else
-# on the machine (the other runs of a sweep, pool workers): with two other processes busy on
-# 2 cores, a cnn4 training step took 70 ms spinning and 37 ms sleeping, an mlp step 126 ms and
-# 2.3 ms. OpenMP reads this when torch loads, so it is set before anything imports torch; an
-# OMP_WAIT_POLICY already in the environment wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP (libgomp, in PyTorch's Linux wheels) keeps a finished parallel region's threads
+# spinning for about 300,000 pause loops (~15 ms here) before they sleep; on a busy machine
+# (the other runs of a sweep, pool workers) that spinning takes the cores from the work. With
+# 10,000 loops (~0.5 ms) a cnn4 training step (batch 32, 2 threads, two other busy processes on
+# 2 cores) took 49 ms instead of 118 ms, and on the idle machine 18.8 ms against 21.2 ms;
+# never spinning (OMP_WAIT_POLICY=PASSIVE) made an idle mlp step 3x slower. OpenMP reads this
+# when torch loads, so it is set before anything imports torch; a value already set wins.
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 __version__ = "0.1.0"

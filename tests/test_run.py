@@ -114,31 +114,32 @@ def test_a_run_does_not_import_the_compiler_stack_or_scipy(tmp_path, backend):
 
 
 SPIN_PROBE = """
-import fedcomp  # sets the wait policy before torch loads
+import fedcomp  # sets the spin limit before torch loads
 import time, torch
 torch.set_num_threads(2)
 a = torch.randn(200_000)
 for _ in range(50):
     a.mul(1.0001)
 wall, cpu = time.perf_counter(), time.process_time()
-for _ in range(3000):
+for _ in range(300):
     a.mul(1.0001)  # a parallel region
-    sum(range(300))  # serial Python in between: where waiting threads that spin burn a core
+    sum(range(200_000))  # ~5 ms of serial Python: a spinning second thread burns a core meanwhile
 print((time.process_time() - cpu) / (time.perf_counter() - wall))
 """
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two cores")
-def test_openmp_threads_sleep_instead_of_spinning_between_parallel_regions():
-    """fedcomp's processes default to OMP_WAIT_POLICY=PASSIVE: between two parallel regions the
-    second thread sleeps (CPU time about the wall time) instead of spinning (about twice)."""
+def test_openmp_threads_stop_spinning_soon_after_a_parallel_region():
+    """fedcomp's processes cap libgomp's spin (GOMP_SPINCOUNT=10000, ~0.5 ms): in a 5 ms serial
+    gap the second thread sleeps (CPU time about the wall time) where libgomp's default
+    (300,000 loops) keeps it spinning the whole gap (about twice)."""
     def cpu_over_wall(**env):
-        base = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+        base = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
         proc = subprocess.run([sys.executable, "-c", SPIN_PROBE], capture_output=True, text=True, timeout=120, env={**base, **env})
         assert proc.returncode == 0, proc.stderr[-2000:]
         return float(proc.stdout.strip().splitlines()[-1])
 
-    assert cpu_over_wall() < 0.8 * cpu_over_wall(OMP_WAIT_POLICY="ACTIVE")
+    assert cpu_over_wall() < 0.8 * cpu_over_wall(GOMP_SPINCOUNT="300000")
 
 
 def test_multirun_sweep_gives_each_job_its_own_dir(tmp_path):
