@@ -194,6 +194,19 @@ def test_batched_matches_inline(fast_cfg, tmp_path, extra):
     close_runs(tmp_path / "inline", tmp_path / "batched")
 
 
+def test_cohort_training_returns_detached_parameters(fast_cfg):
+    """The trained parameters carry no autograd history into compression and the wire."""
+    from fedcomp.fl.batched import train_cohort
+    from fedcomp.fl.cohort import TrainingRequest
+    from fedcomp.fl.runtime import get_runtime
+
+    rt = get_runtime(fast_cfg())
+    w = rt.layout.flatten(rt.new_model())
+    requests = [TrainingRequest(w, rt.client_indices(c), c, rt.local_training, None) for c in range(2)]
+    train_cohort(rt, requests)
+    assert all(r.trained is not None and not r.trained.requires_grad for r in requests)
+
+
 def test_batched_refuses_models_it_cannot_train_alike():
     from torch import nn
 

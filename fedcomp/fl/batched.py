@@ -119,7 +119,7 @@ def _train_group(rt: Runtime, group: list[TrainingRequest]) -> None:
                         d = buffers[name] = torch.clone(d)
                 p.add_(d, alpha=-lr)
             loss_sum += losses.detach()
-    trained = torch.cat([params[name].reshape(len(group), -1) for name in layout.names], dim=1)
+    trained = torch.cat([params[name].detach().reshape(len(group), -1) for name in layout.names], dim=1)
     for i, request in enumerate(group):
         request.trained = trained[i]
         request.loss = float(loss_sum[i]) / max(len(steps), 1)
