@@ -221,8 +221,7 @@ def tabulate(runs: dict[str, dict[str, dict[int, dict]]], rounds: int, missing: 
                       + ", ".join(f"{g:+.2f}" for g in gap) + f" points (seeds {common}); mean {np.mean(gap):+.2f}: "
                       + ("holds" if np.mean(gap) <= 0.5 else "does not hold") + (" (one seed)." if len(common) == 1 else "."), ""]
             summary[setting]["claim_gap_points" if variant == "HGC" else f"claim_gap_points {variant}"] = dict(zip(common, gap))
-        if fedavg:
-            summary[setting]["fedavg_plateau_round"] = plateaus
+        summary[setting]["fedavg_plateau_round"] = plateaus
         if setting == "4iid" and all(a in methods_ for a in ABLATIONS):
             lines += ["## Table 3: decomposition of HGC's CR up = CR_i x CR_c x CR_t (4 clients, IID, first seed)", "",
                       "CR_i = CR up with own masks and no prediction; CR_c = (shared mask, no prediction) / (own masks, no prediction); "
