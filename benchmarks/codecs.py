@@ -27,12 +27,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from overhead import sgemm_gflops, timed
 from scipy.special import gammaln
 
 from fedcomp.compression import build, registered
@@ -66,23 +65,6 @@ def limit_bytes(name: str, y: torch.Tensor) -> float:
         return (log2_binomial(d, len(nz)) + entropy_bits(np.sign(nz)) + 32) / 8
     # dense quantizers: symbols over all d coordinates, plus one scale
     return (entropy_bits(y.numpy()) + 32) / 8
-
-
-def timed(fn, repeat: int) -> tuple[float, object]:
-    times, out = [], None
-    for _ in range(repeat):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out
-
-
-def sgemm_gflops(n: int = 1024, repeat: int = 10) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(3):
-        a @ b
-    seconds, _ = timed(lambda: a @ b, repeat)
-    return 2 * n**3 / seconds / 1e9
 
 
 def compressor_params(name: str, ratio: float, x: torch.Tensor) -> dict:

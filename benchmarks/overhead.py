@@ -44,6 +44,25 @@ def overrides(num_clients: int, rounds: int, dataset: str, backend: str) -> list
     ]
 
 
+def timed(fn, repeat: int) -> tuple[float, object]:
+    """Median seconds of ``repeat`` calls of ``fn``, and its last result."""
+    times, out = [], None
+    for _ in range(repeat):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), out
+
+
+def sgemm_gflops(n: int = 1024, repeat: int = 10) -> float:
+    """The machine's float32 matrix-product rate at torch's current thread count."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    seconds, _ = timed(lambda: a @ b, repeat)
+    return 2 * n**3 / seconds / 1e9
+
+
 def plain_loop(cfg, rounds: int, per_round: int | None = None) -> list[float]:
     """Per-round seconds of the same federated work as plain PyTorch: every client each round,
     or ``per_round`` of them drawn at random."""

@@ -44,7 +44,7 @@ from pathlib import Path
 import fedcomp  # noqa: F401 -- before torch, so that fedcomp's OpenMP spin limit holds here as in a run
 # isort: on
 import torch
-from overhead import fedcomp_rounds, plain_loop
+from overhead import fedcomp_rounds, plain_loop, sgemm_gflops, timed
 
 RESULTS = Path(__file__).parent / "results" / "scale.json"
 MEMORY_CELLS = (  # (method, extra overrides): cnn4, 1000 clients, every client every round
@@ -94,21 +94,6 @@ def cell(model: str, method: str, engine: str, rounds: int, fraction: float, ext
     return out
 
 
-def sgemm_gflops(threads: int, n: int = 1024, repeat: int = 20) -> float:
-    """The machine's float32 matrix-product rate at ``threads`` threads (best of ``repeat``)."""
-    torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = min(_timed(lambda: a @ b) for _ in range(repeat))
-    return 2 * n**3 / best / 1e9
-
-
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def training_limits(cfg, rounds: int, per_round: int, plain_round_s: float) -> dict:
     """What bounds the engines' training: the plain loop's FLOP rate against the machine's
     sgemm rate (batching cannot beat the loop by more than their ratio when the loop is
@@ -120,7 +105,6 @@ def training_limits(cfg, rounds: int, per_round: int, plain_round_s: float) -> d
     from fedcomp.fl.runtime import get_runtime
 
     rt = get_runtime(cfg)
-    threads = torch.get_num_threads()
     w = rt.layout.flatten(rt.new_model())
     rng = torch.Generator().manual_seed(cfg.seed)
     t = rt.local_training
@@ -128,10 +112,10 @@ def training_limits(cfg, rounds: int, per_round: int, plain_round_s: float) -> d
     samples = statistics.mean(sum(samples_trained(len(rt.client_indices(c)), epochs=t["epochs"], steps=t["steps"],
                                                   batch_size=t["batch_size"]) for c in cohort) for cohort in cohorts)
     flops = rt.training_flops * samples
-    kernel = [_timed(lambda cohort=cohort, r=r: train_cohort(rt, [TrainingRequest(w, rt.client_indices(c), r * 100003 + c, t, None)
-                                                                   for c in cohort]))
+    kernel = [timed(lambda cohort=cohort, r=r: train_cohort(rt, [TrainingRequest(w, rt.client_indices(c), r * 100003 + c, t, None)
+                                                                 for c in cohort]), 1)[0]
               for r, cohort in enumerate(cohorts)]
-    peak = sgemm_gflops(threads)
+    peak = sgemm_gflops()
     plain = flops / plain_round_s / 1e9
     return {"training_gflop_per_round": flops / 1e9, "plain_gflops": plain, "sgemm_gflops": peak, "plain_of_sgemm": plain / peak,
             "vmapped_training_s": statistics.median(kernel[1:]), "vmapped_training_over_plain": statistics.median(kernel[1:]) / plain_round_s}
