@@ -104,17 +104,21 @@ def main() -> None:
     args = ap.parse_args()
     # finished runs are kept as records, so that seeds and cells can be added later
     records = RESULTS / args.series / "runs"
+
+    def record(run: Path) -> Path:
+        return records / f"{run.name}.json.gz"
+
     if not args.table_only:
         todo, _, _ = grid(args, args.skews, args.means, args.seeds)
-        run_many([(run, ov, records / f"{run.name}.json.gz") for run, ov in todo.items()], args.jobs)
+        run_many([(run, ov, record(run)) for run, ov in todo.items()], args.jobs)
     # The table covers every finished run of the default grid and of this call's, whatever this call ran.
     runs, cells, shared = grid(args, sorted({10.0, 100.0, 1000.0, *args.skews}), sorted({0.1, 0.01, 0.001, *args.means}),
                                sorted({0, 1, 2, *args.seeds}))
-    runs = {run: ov for run, ov in runs.items() if finished(run, records / f"{run.name}.json.gz")}
+    runs = {run: ov for run, ov in runs.items() if finished(run, record(run))}
     cells = [(cell, run) for cell, run in cells if run in runs]
     if not cells:
         raise SystemExit(f"no recorded runs under {records}: nothing to tabulate (the table there is left as it is)")
-    summaries = dict(zip(runs, run_many([(run, ov, records / f"{run.name}.json.gz") for run, ov in runs.items()])))
+    summaries = dict(zip(runs, run_many([(run, ov, record(run)) for run, ov in runs.items()])))
     accs: dict[Cell, list[float]] = {}
     on_gpu: dict[Cell, int] = {}
     for cell, run in cells:
