@@ -153,6 +153,31 @@ def test_client_momentum_changes_after_the_lr_step_window(fast_cfg):
     assert strategy.resets_before(step + 1) == 0 and strategy.resets_before(step + 2) == 1
 
 
+def test_masked_momentum_clears_exactly_the_sent_coordinates():
+    from fedcomp.fl.hgc_client import masked_momentum
+    from fedcomp.models import StateLayout
+
+    layout = StateLayout(("a", "b", "running"), ((2, 3), (4,), (2,)))  # "running": a buffer with no momentum
+    buffers = {"a": torch.arange(1.0, 7.0).view(2, 3), "b": torch.arange(7.0, 11.0)}
+    before = {k: v.clone() for k, v in buffers.items()}
+    out = masked_momentum(buffers, layout, torch.tensor([1, 5, 6, 9, 10]))
+    assert out["a"].shape == (2, 3) and out["a"].flatten().tolist() == [1, 0, 3, 4, 5, 0]
+    assert out["b"].tolist() == [0, 8, 9, 0] and set(out) == {"a", "b"}
+    assert all(torch.equal(buffers[k], before[k]) for k in buffers)  # the caller's buffers are left as they were
+
+
+@pytest.mark.parametrize("masking", [False, True])
+def test_momentum_masking_clears_the_local_momentum_on_the_sent_mask(fast_cfg, masking):
+    _, grid = run_hgc(fast_cfg, 3, "train.optimizer_state=persistent", "train.momentum=0.9",
+                      f"strategy.momentum_masking={str(masking).lower()}")
+    for ctx in grid._contexts.values():
+        state = client_state(ctx)
+        momentum = get_runtime(fast_cfg()).layout.flatten(state.get(M.OPT_STATE))
+        mask = state.tensor(M.HGC_STATE, "mask")
+        assert momentum.abs().sum() > 0
+        assert bool((momentum[mask] == 0).all()) == masking
+
+
 def test_resync_carries_model_predictor_and_velocity():
     from fedcomp.hgc.codec import decode_sync, encode_sync
 

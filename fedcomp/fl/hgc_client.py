@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from collections import deque
 
+import numpy as np
 import torch
 from flwr.app import ConfigRecord, Message
 
@@ -38,6 +39,7 @@ from fedcomp.hgc.predictor import Predictor, xor_residue
 from fedcomp.hgc.quantizer import dequantize_segments, quantize_segments
 from fedcomp.hgc.segments import Segments
 from fedcomp.hgc.settings import HGCSettings
+from fedcomp.models import StateLayout
 
 # Record fields that are not inputs of ``synchronise`` (this round's instructions, and the tag,
 # checked before).
@@ -123,6 +125,21 @@ def synchronise(rec: ConfigRecord, state: ClientState, predictor: Predictor, seg
     return w + hgc_step(velocity, float(rec["server-lr"])), velocity
 
 
+def masked_momentum(buffers: dict[str, torch.Tensor], layout: StateLayout, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The local optimizer's momentum buffers (parameter name -> buffer) with the coordinates of
+    ``mask`` (flat, sorted, in ``layout`` order) cleared: what was sent stops being pushed again
+    through error feedback (DGC's momentum factor masking)."""
+    bounds = np.concatenate([[0], np.cumsum(layout.sizes)])
+    cuts = np.searchsorted(mask.numpy(), bounds)
+    out = dict(buffers)
+    for name, lo, a, b in zip(layout.names, bounds, cuts, cuts[1:]):
+        if name in out and b > a:
+            flat = out[name].reshape(-1).clone()
+            flat[mask[a:b] - int(lo)] = 0
+            out[name] = flat.view_as(out[name])
+    return out
+
+
 def hgc_round(rt: Runtime, msg: Message, state: ClientState, partition_id: int, seed: int) -> Message:
     rec, config = msg.content[M.HGC], msg.content[M.CONFIG]
     if rt.seal is not None:  # the server tags the payload and the relayed mask together
@@ -158,6 +175,9 @@ def hgc_round(rt: Runtime, msg: Message, state: ClientState, partition_id: int, 
     mask_blob = encode_indices(mask.numpy(), d) if phase != "member" else None
     payload = encode_uplink(Entry.coded(settings.bits, levels, symbols, settings.predictive, mask_blob, settings.deflate), d)
     encode_s = time.perf_counter() - start
+
+    if settings.momentum_masking and (buffers := state.get(M.OPT_STATE)):
+        state.put(M.OPT_STATE, masked_momentum(buffers, rt.layout, mask))
 
     state.put(M.REPLICA, {"w": w})
     state.set_number(M.REPLICA_VERSION, int(rec[M.VERSION]))

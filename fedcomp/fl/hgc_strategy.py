@@ -73,7 +73,7 @@ class HGCStrategy(CompressedFedAvg):
         eps: float = 1e-8, deflate: bool = False, scope: str = "model", exempt_first: int = 0, exempt_last: int = 0,
         broadcast: str = "relay", lr_step_window: int = 0, lr_step_ratio: float | None = None,
         lr_step_ratio_factor: float = 10.0, reset_after_lr_step: bool = True, server_momentum: float = 0.0,
-        momentum_after_lr_step: float | None = None, **kwargs,
+        momentum_after_lr_step: float | None = None, momentum_masking: bool = False, **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         if mask_policy not in MASK_POLICIES:
@@ -83,7 +83,9 @@ class HGCStrategy(CompressedFedAvg):
         budget(1, ratio, None)
         if lr_step_ratio is not None:
             budget(1, lr_step_ratio, None)
-        self.settings = HGCSettings(bits, predictive, deflate, beta, beta2, eps, scope, exempt_first, exempt_last, broadcast)
+        self.settings = HGCSettings(
+            bits, predictive, deflate, beta, beta2, eps, scope, exempt_first, exempt_last, broadcast, momentum_masking
+        )
         self.ratio = ratio
         self.warmup_rounds, self.warmup_start = warmup_rounds, warmup_start
         self.mask_policy = mask_policy

@@ -27,6 +27,9 @@ class HGCSettings:
     exempt_first: int = 0
     exempt_last: int = 0
     broadcast: str = "relay"  # relay: the clients' entries (lossless) | paper: fp32 g~ on the mask
+    # DGC's momentum factor masking (Lin et al. 2018, Sec. 3.2) on HGC's clients: clear the local
+    # optimizer's momentum at the coordinates sent this round. Neither 003_... nor SOFF does it.
+    momentum_masking: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.bits <= 8:
