@@ -15,12 +15,14 @@ sparsifier warms up from 25% to its ratio over the paper's 300 rounds.
 Settings: 4 clients with IID data (the paper's client count) and 10 clients with
 Dirichlet(0.5) labels. Methods: FedAvg, DGC, EF-signSGD, STC (0.1%, both ways), HGC at 0.1%
 and 1 bit with Sec. 3.2's window (ratio 1% for 1% of the rounds either side of each LR step,
-then error feedback and momentum cleared), and with that window 10% of the rounds either side
-(SOFF's default: ``--ugc.correction-epochs 20`` of 200 epochs); on 4 IID clients also HGC at (1%, 1 bit),
-(0.1%, 2 bits), with the paper's fp32 downlink, with SOFF's window and its per-tensor masks and
-levels (``strategy.scope=layerwise``, ``soff/algorithms/ugc/utils.py``; no exempt tensors, as for
-SOFF's 4-layer FEMNIST CNN), and, for Table 3 (first seed), with the temporal (prediction) and
-cross-client (shared mask) mechanisms switched off.
+then error feedback and momentum cleared), with that window 10% of the rounds either side
+(SOFF's default: ``--ugc.correction-epochs 20`` of 200 epochs), and with DGC's momentum factor
+masking added (``strategy.momentum_masking``; not in the paper or SOFF: it tests whether
+momentum pushed again through error feedback opens HGC's gap). On 4 IID clients also HGC at
+(1%, 1 bit), (0.1%, 2 bits), with the paper's fp32 downlink, with SOFF's window and its
+per-tensor masks and levels (``strategy.scope=layerwise``, ``soff/algorithms/ugc/utils.py``; no
+exempt tensors, as for SOFF's 4-layer FEMNIST CNN), and, for Table 3 (first seed), with the
+temporal (prediction) and cross-client (shared mask) mechanisms switched off.
 
 Each run is a `fedcomp` command; a finished run is kept as a record in results/runs/ (summary
 and per-round bytes and accuracy, gzipped JSON) and never repeated, so more seeds or settings
@@ -50,10 +52,10 @@ SETTINGS = {
     "10dir": ["simulation.num_clients=10", "partition=dirichlet", "partition.alpha=0.5"],
 }
 MAIN = ("HGC", "FedAvg", "DGC", "EF-signSGD", "STC")  # in both settings
-CLAIM = ("HGC", "FedAvg", "HGC (SOFF window)")  # the comparisons the paper's claim is about: every seed (others: the first)
+CLAIM = ("HGC", "FedAvg", "HGC (SOFF window)", "HGC + momentum masking")  # the comparisons the paper's claim is about: every seed (others: the first)
 EXTRA = ("HGC (1%, 1 bit)", "HGC (0.1%, 2 bits)", "HGC (paper downlink)", "HGC (SOFF window, per tensor)")  # 4 IID clients only
 ABLATIONS = ("HGC | no prediction", "HGC | no prediction, own masks")  # Table 3, first seed, 4 IID
-WINDOW = ("HGC (SOFF window)",)  # Sec. 3.2's window as long as SOFF's default
+VARIANTS = ("HGC (SOFF window)", "HGC + momentum masking")  # HGC variants in both settings, on the claim's seeds
 
 
 def recipe(rounds: int) -> list[str]:
@@ -83,6 +85,7 @@ def methods(rounds: int) -> dict[str, list[str]]:
         "HGC (paper downlink)": hgc(0.001, 1, "strategy.broadcast=paper"),
         "HGC (SOFF window)": hgc(0.001, 1, window=rounds // 10),
         "HGC (SOFF window, per tensor)": hgc(0.001, 1, "strategy.scope=layerwise", window=rounds // 10),
+        "HGC + momentum masking": hgc(0.001, 1, "strategy.momentum_masking=true"),
         "HGC | no prediction": hgc(0.001, 1, "strategy.predictive=false"),
         "HGC | no prediction, own masks": hgc(0.001, 1, "strategy.predictive=false", "strategy.mask_policy=own"),
     }
@@ -104,7 +107,7 @@ def plan(rounds: int, seeds: list[int], settings: list[str], every_seed: bool = 
                 names = CLAIM
             else:
                 names = MAIN + (EXTRA + (ABLATIONS if seed == seeds[0] else ()) if setting == "4iid" else ())
-                names += WINDOW
+                names += VARIANTS
             for name in names:
                 where = Path(f"r{rounds}_{RECIPE}") / setting / f"s{seed}" / slug(name)
                 out.append((setting, name, seed, RUNS / where, [*recipe(rounds), *SETTINGS[setting], *table[name], f"seed={seed}"],
@@ -214,7 +217,7 @@ def tabulate(runs: dict[str, dict[str, dict[int, dict]]], rounds: int, missing: 
                 "best_accuracy": {k: v["best_accuracy"] for k, v in by_seed.items()},
                 "max_cr": m, "total_cr": t, "total_cr_without_first_sync": nosync, "speedup": speed,
             }
-        for variant in ("HGC", *WINDOW):
+        for variant in ("HGC", *VARIANTS):
             hgc = methods_.get(variant, {})
             common = sorted(set(hgc) & set(fedavg))
             if not common:
@@ -261,8 +264,8 @@ def momentum_step_table(setting: str, methods_: dict[str, dict[int, dict]], roun
     lines = [f"## Where the gap opens: {setting}, first seed, around local momentum 0.9 (round {at[0]}) and the second LR step "
              f"(round {at[1]})", "",
              f"Train loss: mean over the {span} rounds up to that round. DGC, STC and HGC send a sparse 0.1% (one HGC row 1%) "
-             "and keep the rest in error feedback; only DGC also masks the momentum at the coordinates it sends (momentum factor "
-             "masking). EF-signSGD sends every coordinate's sign.", "",
+             "and keep the rest in error feedback; only DGC and 'HGC + momentum masking' also clear the momentum at the "
+             "coordinates they send (DGC's momentum factor masking). EF-signSGD sends every coordinate's sign.", "",
              f"| method | train loss @{at[0]} | train loss @{at[1]} | acc @{at[0]} | acc @{at[1]} | acc @{at[2]} | final acc |",
              "|---|---|---|---|---|---|---|"]
     for name, by_seed in methods_.items():
