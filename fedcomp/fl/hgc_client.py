@@ -15,7 +15,6 @@ from __future__ import annotations
 import time
 from collections import deque
 
-import numpy as np
 import torch
 from flwr.app import ConfigRecord, Message
 
@@ -129,10 +128,10 @@ def masked_momentum(buffers: dict[str, torch.Tensor], layout: StateLayout, mask:
     """The local optimizer's momentum buffers (parameter name -> buffer) with the coordinates of
     ``mask`` (flat, sorted, in ``layout`` order) cleared: what was sent stops being pushed again
     through error feedback (DGC's momentum factor masking)."""
-    bounds = np.concatenate([[0], np.cumsum(layout.sizes)])
-    cuts = np.searchsorted(mask.numpy(), bounds)
+    tensors = Segments.of(layout.sizes, scope="layerwise")
+    cuts = tensors.cuts(mask)
     out = dict(buffers)
-    for name, lo, a, b in zip(layout.names, bounds, cuts, cuts[1:]):
+    for name, lo, a, b in zip(layout.names, tensors.bounds, cuts, cuts[1:]):
         if name in out and b > a:
             flat = out[name].reshape(-1).clone()
             flat[mask[a:b] - int(lo)] = 0
