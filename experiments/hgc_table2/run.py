@@ -259,7 +259,7 @@ def tabulate(runs: dict[str, dict[str, dict[int, dict]]], rounds: int, missing: 
 def momentum_step_table(setting: str, methods_: dict[str, dict[int, dict]], rounds: int, span: int = 25) -> list[str]:
     """First seed of each method around the last momentum step (0.9 at 70% of the rounds) and the
     second LR step (75%): test accuracy there and the mean training loss of the ``span`` rounds
-    before each -- where HGC's gap opens."""
+    ending at each -- where HGC's gap opens."""
     at = [round(f * rounds) for f in (RAMP[-1][0], 0.75, 0.8)]
     lines = [f"## Where the gap opens: {setting}, first seed, around local momentum 0.9 (round {at[0]}) and the second LR step "
              f"(round {at[1]})", "",
