@@ -118,17 +118,15 @@ def main() -> None:
         run_many([(run, ov, record(run)) for run, ov in todo.items()], args.jobs)
     # The table covers every finished run of the default grid and of this call's, whatever this call ran.
     runs, cells, shared, weights_of = grid(args, sorted({10.0, 100.0, 1000.0, *args.skews}), sorted({0.1, 0.01, 0.001, *args.means}),
-                               sorted({0, 1, 2, *args.seeds}))
+                                           sorted({0, 1, 2, *args.seeds}))
     runs = {run: ov for run, ov in runs.items() if finished(run, record(run))}
     cells = [(cell, seed, run) for cell, seed, run in cells if run in runs]
     if not cells:
         raise SystemExit(f"no recorded runs under {records}: nothing to tabulate (the table there is left as it is)")
     summaries = dict(zip(runs, run_many([(run, ov, record(run)) for run, ov in runs.items()])))
-    accs: dict[Cell, list[float]] = {}
     by_seed: dict[Cell, dict[int, float]] = {}
     on_gpu: dict[Cell, int] = {}
     for cell, seed, run in cells:
-        accs.setdefault(cell, []).append(summaries[run]["final_accuracy"])
         by_seed.setdefault(cell, {})[seed] = summaries[run]["final_accuracy"]
         on_gpu[cell] = on_gpu.get(cell, 0) + (summaries[run]["config"]["train"].get("device", "cpu") != "cpu")
     lines = [f"# DAGC Table II style on FashionMNIST / {args.model}, {args.series} skew series "
@@ -141,27 +139,30 @@ def main() -> None:
              "are counted in the last column; the others on CPU.", "",
              "| skew ratio | mean ratio | method | seeds run | accuracy mean | accuracy std | seeds shared with Top-delta | runs on GPU |",
              "|---|---|---|---|---|---|---|---|"]
+    accs = {cell: list(a.values()) for cell, a in by_seed.items()}
     out = {}
     for (skew, mean, name), a in accs.items():
         out[f"sr{skew:g}/d{mean:g}/{name}"] = a
         note = " ".join(str(seed) for seed, run in shared.get((skew, mean), []) if run in runs) if name == "DAGC (exact)" else ""
         spread = f"{np.std(a):.4f}" if len(a) > 1 else "-"
         lines.append(f"| {skew:g} | {mean:g} | {name} | {len(a)} | {np.mean(a):.4f} | {spread} | {note} | {on_gpu[skew, mean, name]} |")
-    lines += claim_lines(by_seed, weights_of)
+    gaps = paired_gaps(by_seed)
+    lines += claim_lines(gaps, weights_of)
     results = RESULTS / args.series
-    write_results(results, lines, {"accuracy": out, "dagc_minus_top_delta": paired_gaps(by_seed)})
+    write_results(results, lines, {"accuracy": out, "dagc_minus_top_delta": {
+        f"sr{skew:g}/d{mean:g}/{name}": {str(seed): g for seed, g in per_seed.items()} for (skew, mean, name), per_seed in gaps.items()}})
     plot(accs, results / "accuracy.png")
 
 
-def paired_gaps(by_seed: dict[Cell, dict[int, float]]) -> dict[str, dict[str, float]]:
+def paired_gaps(by_seed: dict[Cell, dict[int, float]]) -> dict[Cell, dict[int, float]]:
     """DAGC's accuracy minus Top-delta's in points, per (skew, mean, DAGC variant) and seed, for the
     seeds both ran: a seed's runs share the partition, the model's initialisation and the batches,
     so the difference is paired."""
-    gaps: dict[str, dict[str, float]] = {}
+    gaps: dict[Cell, dict[int, float]] = {}
     for (skew, mean, name), accs in by_seed.items():
         base = by_seed.get((skew, mean, "Top-delta"), {})
         if name.startswith("DAGC") and (seeds := sorted(accs.keys() & base.keys())):
-            gaps[f"sr{skew:g}/d{mean:g}/{name}"] = {str(s): 100 * (accs[s] - base[s]) for s in seeds}
+            gaps[skew, mean, name] = {s: 100 * (accs[s] - base[s]) for s in seeds}
     return gaps
 
 
@@ -171,7 +172,7 @@ def phi_over_uniform(weights: np.ndarray, mean: float, method: str) -> float:
     return dagc_phi(weights, dagc_ratios(weights, mean, method)) / dagc_phi(weights, np.full(len(weights), mean))
 
 
-def claim_lines(by_seed: dict[Cell, dict[int, float]], weights_of: dict[tuple[float, int], np.ndarray]) -> list[str]:
+def claim_lines(gaps: dict[Cell, dict[int, float]], weights_of: dict[tuple[float, int], np.ndarray]) -> list[str]:
     """Table II's claim, cell by cell: at SR >= 100, DAGC above Top-delta after the same rounds
     (000_... Sec. V-C), as paired per-seed differences, beside what the paper's theory predicts."""
     lines = ["", "## Table II's claim: DAGC above Top-delta when SR >= 100 (000_... Sec. V-C)", "",
@@ -181,12 +182,11 @@ def claim_lines(by_seed: dict[Cell, dict[int, float]], weights_of: dict[tuple[fl
              "run's data weights (mean over seeds); below 1 predicts DAGC ahead.", "",
              "| skew ratio | mean ratio | DAGC | per seed | mean | seeds ahead / behind | Phi / Phi(uniform) |",
              "|---|---|---|---|---|---|---|"]
-    for key, per_seed in paired_gaps(by_seed).items():
-        skew, mean, name = key.split("/")
+    for (skew, mean, name), per_seed in gaps.items():
         values = list(per_seed.values())
         method = "paper" if "paper" in name else "exact"
-        phi = np.mean([phi_over_uniform(weights_of[float(skew[2:]), int(s)], float(mean[1:]), method) for s in per_seed])
-        lines.append(f"| {skew[2:]} | {mean[1:]} | {name} | " + ", ".join(f"s{s}: {v:+.2f}" for s, v in per_seed.items())
+        phi = np.mean([phi_over_uniform(weights_of[skew, s], mean, method) for s in per_seed])
+        lines.append(f"| {skew:g} | {mean:g} | {name} | " + ", ".join(f"s{s}: {v:+.2f}" for s, v in per_seed.items())
                      + f" | {np.mean(values):+.2f} | {sum(v > 0 for v in values)} / {sum(v < 0 for v in values)} | {phi:.3f} |")
     return lines
 
