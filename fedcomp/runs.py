@@ -86,6 +86,17 @@ def first_round(rows: list[dict[str, Any]], key: str, reached) -> dict[str, Any]
     return None
 
 
+def plateau_round(rows: list[dict[str, Any]], tolerance: float = 0.005) -> int:
+    """The first evaluated round from which test accuracy stays within ``tolerance`` of the
+    run's final accuracy (the last evaluated round when it never settles before it)."""
+    evaluated = [(r["round"], r["accuracy"]) for r in rows if r.get("accuracy") is not None]
+    final = evaluated[-1][1]
+    for i, (rnd, _) in enumerate(evaluated):
+        if all(abs(a - final) <= tolerance for _, a in evaluated[i:]):
+            return rnd
+    return evaluated[-1][0]
+
+
 def write_results(results_dir: Path, lines: list[str], summary: dict[str, Any], table: str = "table.md") -> None:
     """Write an experiment's Markdown table and JSON summary, and print the table."""
     results_dir.mkdir(parents=True, exist_ok=True)

@@ -245,6 +245,15 @@ def test_run_many_runs_in_parallel_in_order_and_reuses_finished_runs(tmp_path):
     assert [s["final_accuracy"] for s in again] == [s["final_accuracy"] for s in first]
 
 
+def test_plateau_round_is_where_accuracy_settles_within_tolerance_of_the_final_value():
+    from fedcomp.runs import plateau_round
+
+    rows = [{"round": r, "accuracy": a} for r, a in [(1, None), (100, 0.50), (200, 0.80), (300, 0.70), (400, 0.796), (500, 0.80)]]
+    assert plateau_round(rows) == 400  # round 200 is within 0.5 points, but round 300 falls out again
+    assert plateau_round(rows, tolerance=0.2) == 200
+    assert plateau_round(rows[:-1] + [{"round": 500, "accuracy": 0.90}]) == 500  # never settles: the last evaluation
+
+
 @pytest.mark.parametrize("compressor, held", [("topk", bytes), ("none", torch.Tensor)])
 def test_arrivals_hold_sparse_payloads_not_dense_updates(fast_cfg, compressor, held):
     """Until aggregation a round's arrivals keep what is smaller: a top-k payload instead of

@@ -29,11 +29,14 @@ from fedcomp.config import compose_config
 from fedcomp.data import load_dataset
 from fedcomp.models import StateLayout, build_model
 from fedcomp.partition import make_partition
-from fedcomp.runs import finished, run_many, write_results
+from fedcomp.runs import finished, plateau_round, run_many, write_results
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNS = ROOT / "outputs" / "dagc_table2"
 RESULTS = Path(__file__).parent / "results"
+
+
+METHODS = ("Top-delta", "DAGC (paper)", "DAGC (exact)", "ACCORDION")
 
 
 def methods(weights: np.ndarray, mean: float) -> dict[str, list[str]]:
@@ -76,7 +79,7 @@ def grid(args: argparse.Namespace, skews: list[float], means: list[float], seeds
         for seed in seeds:
             base = ["dataset=fmnist", f"model={args.model}", "simulation.num_clients=10", "partition=volume_skew",
                     f"partition.skew_ratio={skew}", "partition.label_alpha=0.5", f"partition.series={args.series}",
-                    "compressor=topk", f"num_rounds={args.rounds}", f"train.steps={args.steps}", f"eval_every={args.rounds}",
+                    "compressor=topk", f"num_rounds={args.rounds}", f"train.steps={args.steps}", f"eval_every={args.eval_every or args.rounds}",
                     f"seed={seed}"]
             weights, d = partition_weights(base)
             weights_of[skew, seed] = weights
@@ -102,20 +105,26 @@ def main() -> None:
     ap.add_argument("--skews", type=float, nargs="+", default=[10.0, 100.0, 1000.0])
     ap.add_argument("--means", type=float, nargs="+", default=[0.1, 0.01, 0.001])
     ap.add_argument("--steps", type=int, default=1, help="local SGD steps per round")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="run only these (the table covers every recorded one)")
+    ap.add_argument("--eval-every", type=int, default=None, metavar="N",
+                    help="also evaluate every N rounds (default: after the last round only), to see where accuracy plateaus")
     ap.add_argument("--jobs", type=int, default=1, help="runs in parallel (one thread each)")
     ap.add_argument("--table-only", action="store_true", help="tabulate the finished (recorded) runs, run nothing")
     ap.add_argument("--set", nargs="*", default=[], metavar="OVERRIDE",
                     help="extra overrides for every run, e.g. train.device=cuda dataset.root=DIR")
     args = ap.parse_args()
-    # finished runs are kept as records, so that seeds and cells can be added later
-    records = RESULTS / args.series / "runs"
+    # Finished runs are kept as records, so that seeds and cells can be added later. Runs of another
+    # length than the table's 300 x 1 get a folder of their own.
+    results = RESULTS / (args.series if (args.rounds, args.steps) == (300, 1) else f"{args.series}_r{args.rounds}x{args.steps}")
+    records = results / "runs"
 
     def record(run: Path) -> Path:
         return records / f"{run.name}.json.gz"
 
     if not args.table_only:
-        todo, *_ = grid(args, args.skews, args.means, args.seeds)
-        run_many([(run, ov, record(run)) for run, ov in todo.items()], args.jobs)
+        todo, planned, *_ = grid(args, args.skews, args.means, args.seeds)
+        chosen = {run for (_, _, name), _, run in planned if name in args.methods}
+        run_many([(run, ov, record(run)) for run, ov in todo.items() if run in chosen], args.jobs)
     # The table covers every finished run of the default grid and of this call's, whatever this call ran.
     runs, cells, shared, weights_of = grid(args, sorted({10.0, 100.0, 1000.0, *args.skews}), sorted({0.1, 0.01, 0.001, *args.means}),
                                            sorted({0, 1, 2, *args.seeds}))
@@ -125,14 +134,17 @@ def main() -> None:
         raise SystemExit(f"no recorded runs under {records}: nothing to tabulate (the table there is left as it is)")
     summaries = dict(zip(runs, run_many([(run, ov, record(run)) for run, ov in runs.items()])))
     by_seed: dict[Cell, dict[int, float]] = {}
+    curves: dict[Cell, dict[int, list[dict]]] = {}
     on_gpu: dict[Cell, int] = {}
     for cell, seed, run in cells:
         by_seed.setdefault(cell, {})[seed] = summaries[run]["final_accuracy"]
+        curves.setdefault(cell, {})[seed] = summaries[run]["rows"]
         on_gpu[cell] = on_gpu.get(cell, 0) + (summaries[run]["config"]["train"].get("device", "cpu") != "cpu")
     lines = [f"# DAGC Table II style on FashionMNIST / {args.model}, {args.series} skew series "
              f"({args.rounds} rounds x {args.steps} local steps, every recorded seed)", "",
              f"Regenerate: `.venv/bin/python experiments/dagc_table2/run.py --series {args.series} --model {args.model} "
-             f"--rounds {args.rounds} --steps {args.steps}" + "".join(f" --set {o}" for o in args.set) + "`", "",
+             f"--rounds {args.rounds} --steps {args.steps}"
+             + (f" --eval-every {args.eval_every}" if args.eval_every else "") + "".join(f" --set {o}" for o in args.set) + "`", "",
              "Recipe (every method): top-k with error feedback, one SGD step of batch 32 per round, lr 0.05, no momentum.", "",
              "Accuracy after the last round; std over seeds (population std). DAGC (exact) shares the Top-delta",
              "run for the seeds listed (identical k on every client). Runs trained on a GPU (`train.device=cuda`)",
@@ -148,9 +160,13 @@ def main() -> None:
         lines.append(f"| {skew:g} | {mean:g} | {name} | {len(a)} | {np.mean(a):.4f} | {spread} | {note} | {on_gpu[skew, mean, name]} |")
     gaps = paired_gaps(by_seed)
     lines += claim_lines(gaps, weights_of)
-    results = RESULTS / args.series
+    evaluated_along = any(sum(r.get("accuracy") is not None for r in rows) > 1 for per_seed in curves.values() for rows in per_seed.values())
+    if evaluated_along:
+        lines += over_rounds_lines(curves, args.rounds)
     write_results(results, lines, {"accuracy": out, "dagc_minus_top_delta": {
         f"sr{skew:g}/d{mean:g}/{name}": {str(seed): g for seed, g in per_seed.items()} for (skew, mean, name), per_seed in gaps.items()}})
+    if evaluated_along:
+        plot_curves(curves, results / "accuracy_vs_rounds.png")
     plot(accs, results / "accuracy.png")
 
 
@@ -164,6 +180,62 @@ def paired_gaps(by_seed: dict[Cell, dict[int, float]]) -> dict[Cell, dict[int, f
         if name.startswith("DAGC") and (seeds := sorted(accs.keys() & base.keys())):
             gaps[skew, mean, name] = {s: 100 * (accs[s] - base[s]) for s in seeds}
     return gaps
+
+
+def accuracy_at(rows: list[dict], rnd: int) -> float | None:
+    return next((r["accuracy"] for r in rows if r["round"] == rnd), None)
+
+
+def over_rounds_lines(curves: dict[Cell, dict[int, list[dict]]], rounds: int) -> list[str]:
+    """Mean accuracy over seeds at the short table's horizon (300) and at quarters of the run,
+    each method's plateau round per seed, and DAGC - Top-delta (paired, mean over seeds) at
+    the same rounds: does the ordering after 300 rounds last?"""
+    marks = sorted({300, *(rounds * q // 4 for q in (1, 2, 3, 4))} & {r for per_seed in curves.values() for rows in per_seed.values()
+                                                                       for r in (row["round"] for row in rows if row.get("accuracy") is not None)})
+    lines = ["", "## Over the rounds: does the ordering after 300 rounds last?", "",
+             "Test accuracy, mean over seeds; DAGC rows add DAGC - Top-delta in points (paired per seed, mean). Plateau: the",
+             "first evaluation after which a run's accuracy stays within 0.5 points of its final value, per seed.", "",
+             "| skew ratio | mean ratio | method | " + " | ".join(f"round {r}" for r in marks) + " | plateau round per seed |",
+             "|---|---|---|" + "---|" * len(marks) + "---|"]
+    for (skew, mean, name), per_seed in curves.items():
+        cols = []
+        for r in marks:
+            accs = [a for rows in per_seed.values() if (a := accuracy_at(rows, r)) is not None]
+            cell = f"{np.mean(accs):.4f}" if accs else "-"
+            base = curves.get((skew, mean, "Top-delta"), {})
+            gaps = [100 * (accuracy_at(rows, r) - accuracy_at(base[s], r)) for s, rows in per_seed.items()
+                    if s in base and accuracy_at(rows, r) is not None and accuracy_at(base[s], r) is not None]
+            if name.startswith("DAGC") and gaps:
+                cell += f" ({np.mean(gaps):+.2f})"
+            cols.append(cell)
+        plateaus = ", ".join(f"s{s}: {plateau_round(rows)}" for s, rows in per_seed.items())
+        lines.append(f"| {skew:g} | {mean:g} | {name} | " + " | ".join(cols) + f" | {plateaus} |")
+    return lines
+
+
+def plot_curves(curves: dict[Cell, dict[int, list[dict]]], path: Path) -> None:
+    """Test accuracy over rounds, mean over seeds, one panel per (skew, mean) cell."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(skew, mean) for skew, mean, _ in curves}, key=lambda c: (c[0], -c[1]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    for ax, (skew, mean) in zip(axes[0], panels):
+        for (s, m, name), per_seed in curves.items():
+            if (s, m) != (skew, mean):
+                continue
+            rounds = sorted({row["round"] for rows in per_seed.values() for row in rows if row.get("accuracy") is not None})
+            means = [np.mean([a for rows in per_seed.values() if (a := accuracy_at(rows, r)) is not None]) for r in rounds]
+            ax.plot(rounds, means, label=f"{name} ({len(per_seed)} seeds)")
+        ax.set_title(f"SR {skew:g}, mean ratio {mean:g}")
+        ax.set_xlabel("round")
+        ax.set_ylabel("test accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def phi_over_uniform(weights: np.ndarray, mean: float, method: str) -> float:

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from fedcomp.metrics.accounting import speedup
-from fedcomp.runs import finished, run_many, write_results
+from fedcomp.runs import finished, plateau_round, run_many, write_results
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNS = ROOT / "outputs" / "hgc_table2"
@@ -113,17 +113,6 @@ def plan(rounds: int, seeds: list[int], settings: list[str], every_seed: bool = 
                 out.append((setting, name, seed, RUNS / where, [*recipe(rounds), *SETTINGS[setting], *table[name], f"seed={seed}"],
                             RESULTS / "runs" / where.with_suffix(".json.gz")))
     return out
-
-
-def plateau_round(rows: list[dict], tolerance: float = 0.005) -> int:
-    """The first evaluated round from which test accuracy stays within ``tolerance`` of the
-    run's final accuracy."""
-    evaluated = [(r["round"], r["accuracy"]) for r in rows if r["accuracy"] is not None]
-    final = evaluated[-1][1]
-    for i, (rnd, _) in enumerate(evaluated):
-        if all(abs(a - final) <= tolerance for _, a in evaluated[i:]):
-            return rnd
-    return evaluated[-1][0]
 
 
 def ratios_without_first_sync(s: dict) -> dict[str, float]:
