@@ -59,7 +59,7 @@ def main() -> None:
     base = ["dataset=fmnist", "model=logreg", "partition=iid", "simulation.num_clients=4", f"num_rounds={args.rounds}",
             "train.steps=1", "train.batch_size=256", "train.lr=0.1", f"eval_every={max(1, args.rounds // 60)}"]
     table = runs(args.rounds)
-    dirs = {name: RUNS / "".join(ch if ch.isalnum() else "_" for ch in name) for name in table}
+    dirs = {name: RUNS / f"r{args.rounds}_{''.join(ch if ch.isalnum() else '_' for ch in name)}" for name in table}
     summaries = dict(zip(table, run_many([(dirs[n], base + ov) for n, ov in table.items()], jobs=args.jobs)))
     lines = [f"# CAT vs fixed T on FashionMNIST / logreg (4 clients, target test loss {args.target_loss})", "",
              f"Regenerate: `.venv/bin/python experiments/cat/run.py --rounds {args.rounds} --target-loss {args.target_loss}`", "",
