@@ -22,7 +22,7 @@ class _Cast(Compressor):
         values = x.detach().to("cpu", self.wire_dtype).contiguous().reshape(-1)
         # bfloat16 has no numpy dtype: move its raw 16-bit words instead.
         raw = values.view(torch.int16) if self.wire_dtype == torch.bfloat16 else values
-        body = np.asarray(raw.numpy(), dtype=self.wire_words).tobytes()
+        body = np.asarray(raw.numpy(), dtype=self.wire_words)  # a view on little-endian hosts; pack_frame copies it once
         return pack_frame(self.name, x.dtype, tuple(x.shape), body)
 
     def decompress(self, payload: bytes, shape: tuple[int, ...] | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:

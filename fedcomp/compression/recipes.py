@@ -52,7 +52,7 @@ class Recipe(Compressor):
             blob = encode_indices(idx.cpu().numpy(), flat.numel())
             body += _LEN.pack(len(blob)) + blob
         body += self.values.encode(vals.cpu(), flat, self.generator)
-        return pack_frame(self.name, x.dtype, tuple(x.shape), bytes(body))
+        return pack_frame(self.name, x.dtype, tuple(x.shape), body)
 
     def decompress(self, payload: bytes, shape: tuple[int, ...] | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
         frame = unpack_frame(payload, expect=self.name, shape=shape, dtype=dtype)

@@ -37,7 +37,7 @@ class Layerwise(Compressor):
         for part, chunk in zip(self.parts, torch.split(flat, self.sizes)):
             payload = part.compress(chunk)
             body += _LEN.pack(len(payload)) + payload
-        return pack_frame(self.name, x.dtype, tuple(x.shape), bytes(body))
+        return pack_frame(self.name, x.dtype, tuple(x.shape), body)
 
     def decompress(self, payload: bytes, shape: tuple[int, ...] | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
         frame = unpack_frame(payload, expect=self.name, shape=shape, dtype=dtype)

@@ -112,7 +112,7 @@ def encode_relay(entries: list[Entry], weights: list[float], d: int, keep_masks:
     for e in entries:
         raw = e.to_bytes(with_mask=keep_masks)
         body += _U64.pack(len(raw)) + raw
-    return pack_frame("hgc.relay", torch.float32, (d,), bytes(body))
+    return pack_frame("hgc.relay", torch.float32, (d,), body)
 
 
 def decode_relay(payload: bytes, d: int | None = None) -> tuple[list[Entry], np.ndarray, int]:
@@ -138,7 +138,7 @@ def encode_broadcast(values: torch.Tensor, d: int, mask_blob: bytes | None) -> b
     if mask_blob is not None:
         body += _U64.pack(len(mask_blob)) + mask_blob
     body += zlib.compress(values.float().numpy().astype("<f4").tobytes(), 9)
-    return pack_frame("hgc.paper", torch.float32, (d,), bytes(body))
+    return pack_frame("hgc.paper", torch.float32, (d,), body)
 
 
 def decode_broadcast(payload: bytes, mask: torch.Tensor | None, d: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -241,7 +241,7 @@ def encode_sync(w: torch.Tensor, buffers: dict[str, torch.Tensor]) -> bytes:
     for name in SYNC_BUFFERS:
         if name in buffers:
             body += buffers[name].double().numpy().astype("<f8").tobytes()
-    return pack_frame("hgc.sync", torch.float32, (w.numel(),), bytes(body))
+    return pack_frame("hgc.sync", torch.float32, (w.numel(),), body)
 
 
 def decode_sync(payload: bytes, d: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

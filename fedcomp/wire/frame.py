@@ -47,7 +47,7 @@ class Frame:
     codec: str
     dtype: torch.dtype
     shape: tuple[int, ...]
-    body: bytes
+    body: memoryview  # read-only view into the received payload: no copy until a decoder needs one
 
     @property
     def numel(self) -> int:
@@ -57,7 +57,9 @@ class Frame:
         return n
 
 
-def pack_frame(codec: str, dtype: torch.dtype, shape: tuple[int, ...], body: bytes) -> bytes:
+def pack_frame(codec: str, dtype: torch.dtype, shape: tuple[int, ...], body: bytes | bytearray | memoryview) -> bytes:
+    """The frame around ``body`` (any contiguous bytes-like object; copied once, into the frame)."""
+    body = memoryview(body).cast("B")
     name = codec.encode("ascii")
     if not 0 < len(name) < 256:
         raise ValueError(f"codec name must be 1..255 ASCII bytes, got {codec!r}")
@@ -139,7 +141,7 @@ def unpack_frame(
         raise PayloadError("checksum mismatch: payload corrupted")
     if expect is not None and codec != expect:
         raise PayloadError(f"payload holds codec {codec!r}, expected {expect!r}")
-    return Frame(codec, DTYPES[dtype_code], tuple(shape_read), bytes(body))
+    return Frame(codec, DTYPES[dtype_code], tuple(shape_read), body.toreadonly())
 
 
 def frame_codec(payload: bytes) -> str:
