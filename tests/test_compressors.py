@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedcomp.compression import PayloadError, build, registered
-from fedcomp.compression.selectors import budget, optimal_probabilities
+from fedcomp.compression.selectors import budget, optimal_probabilities, top_k_indices
 from fedcomp.config.compose import CONF_DIR
 
 ALL = registered()
@@ -154,6 +154,37 @@ def test_optimal_probabilities_equal_the_full_sort_definition(seed, d, power, ti
         g = torch.round(g)
     t = frac * d
     assert torch.allclose(optimal_probabilities(g, t), _water_filling_by_full_sort(g, t), rtol=1e-12, atol=1e-12)
+
+
+def _top_k_by_definition(a: torch.Tensor, k: int) -> torch.Tensor:
+    """Largest first, ties to the lowest index; then ascending."""
+    order = np.lexsort((np.arange(a.numel()), -a.numpy().astype(np.float64)))[:k]
+    return torch.from_numpy(np.sort(order)).long()
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31), d=st.sampled_from([1, 7, 300, 5_000, 60_000]), frac=st.floats(0.0, 1.0),
+       shape=st.sampled_from(["gaussian", "ties", "mostly zero", "ascending", "descending"]))
+def test_top_k_indices_equal_the_definition(seed, d, frac, shape):
+    """The sampled-threshold selection is exact (ties at the k-th go to the lowest indices),
+    whatever the vector's structure does to the strided sample."""
+    a = torch.randn(d, generator=torch.Generator().manual_seed(seed)).abs()
+    if shape == "ties":
+        a = torch.round(a * 2)
+    elif shape == "mostly zero":
+        a = torch.where(a > 2.0, a, torch.zeros(()))
+    elif shape != "gaussian":
+        a = torch.sort(a, descending=shape == "descending").values
+    k = round(frac * d)
+    assert torch.equal(top_k_indices(a, k), _top_k_by_definition(a, k))
+
+
+def test_top_k_indices_fall_back_when_the_sample_overestimates_the_threshold():
+    a = torch.ones(100_000)
+    step = 100_000 // 6_400  # the sample's stride at k = 1000
+    a[::step] = 2 + torch.arange(len(a[::step]), dtype=torch.float32)  # the sample sees only the largest entries
+    a[1] = 1e9
+    assert torch.equal(top_k_indices(a, 1000), _top_k_by_definition(a, 1000))
 
 
 def test_adaptive_threshold_keeps_residue_and_sends_bin_leaders():

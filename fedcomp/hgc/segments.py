@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedcomp.compression.selectors import budget
+from fedcomp.compression.selectors import budget, top_k_indices
 
 SCOPES = ("model", "layerwise")
 
@@ -66,7 +66,7 @@ class Segments:
             if k == hi - lo:
                 parts.append(torch.arange(lo, hi))
             elif k:
-                parts.append(torch.topk(x[lo:hi].abs(), k, sorted=False).indices.sort().values + lo)
+                parts.append(top_k_indices(x[lo:hi].abs(), k) + lo)
         return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
 
     def cuts(self, mask: torch.Tensor) -> np.ndarray:
