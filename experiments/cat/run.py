@@ -11,7 +11,7 @@ packet, c0 = 64 B, P_max = 128 B, FPP = 64). For each run: the uplink payload bi
 encoded bytes) and the packet-model cost of those payloads, spent until the test loss first
 reaches the target.
 
-    .venv/bin/python experiments/cat/run.py [--rounds 600] [--target-loss 0.6] [--jobs 2]
+    .venv/bin/python experiments/cat/run.py [--rounds 2000] [--target-loss 0.6] [--eval-every 10] [--jobs 2]
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def runs(rounds: int) -> dict[str, list[str]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rounds", type=int, default=600)
+    ap.add_argument("--rounds", type=int, default=2000)
     ap.add_argument("--target-loss", type=float, default=0.6)
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--eval-every", type=int, default=10, help="test loss every N rounds: the grid 'rounds to target' is read on")
