@@ -187,6 +187,13 @@ def test_top_k_indices_fall_back_when_the_sample_overestimates_the_threshold():
     assert torch.equal(top_k_indices(a, 1000), _top_k_by_definition(a, 1000))
 
 
+def test_top_k_indices_keep_k_entries_and_the_nans_of_a_non_finite_vector():
+    a = torch.rand(50_000)
+    a[[3, 40_000]] = float("nan")
+    idx = top_k_indices(a, 500)
+    assert idx.numel() == 500 and {3, 40_000} <= set(idx.tolist())
+
+
 def test_adaptive_threshold_keeps_residue_and_sends_bin_leaders():
     c = build("adaptive_threshold", bin_size=10)
     x = tensor((100,), 2)

@@ -43,6 +43,8 @@ def top_k_indices(a: torch.Tensor, k: int) -> torch.Tensor:
         return torch.arange(d, device=a.device)
     if k <= 0:
         return torch.zeros(0, dtype=torch.int64, device=a.device)
+    if bool(torch.isnan(a).any()):  # NaN has no order: torch.topk's (NaN first), so NaNs still reach a finiteness check
+        return torch.topk(a, k, sorted=False).indices.sort().values
     sample = a[:: max(1, d // max(1024, math.ceil(64 * d / k)))]
     j = min(sample.numel(), math.ceil(1.25 * k * sample.numel() / d) + 16)
     candidates = torch.nonzero(a >= torch.topk(sample, j, sorted=False).values.min()).reshape(-1)
