@@ -160,7 +160,7 @@ def main() -> None:
         lines.append(f"| {skew:g} | {mean:g} | {name} | {len(a)} | {np.mean(a):.4f} | {spread} | {note} | {on_gpu[skew, mean, name]} |")
     gaps = paired_gaps(by_seed)
     lines += claim_lines(gaps, weights_of)
-    evaluated_along = any(sum(r.get("accuracy") is not None for r in rows) > 1 for per_seed in curves.values() for rows in per_seed.values())
+    evaluated_along = any(len(evaluated(rows)) > 1 for per_seed in curves.values() for rows in per_seed.values())
     if evaluated_along:
         lines += over_rounds_lines(curves, args.rounds)
     write_results(results, lines, {"accuracy": out, "dagc_minus_top_delta": {
@@ -182,33 +182,33 @@ def paired_gaps(by_seed: dict[Cell, dict[int, float]]) -> dict[Cell, dict[int, f
     return gaps
 
 
-def accuracy_at(rows: list[dict], rnd: int) -> float | None:
-    return next((r["accuracy"] for r in rows if r["round"] == rnd), None)
+def evaluated(rows: list[dict]) -> dict[int, float]:
+    """A run's test accuracy by the rounds it was evaluated after."""
+    return {r["round"]: r["accuracy"] for r in rows if r.get("accuracy") is not None}
 
 
 def over_rounds_lines(curves: dict[Cell, dict[int, list[dict]]], rounds: int) -> list[str]:
     """Mean accuracy over seeds at the short table's horizon (300) and at quarters of the run,
     each method's plateau round per seed, and DAGC - Top-delta (paired, mean over seeds) at
     the same rounds: does the ordering after 300 rounds last?"""
-    marks = sorted({300, *(rounds * q // 4 for q in (1, 2, 3, 4))} & {r for per_seed in curves.values() for rows in per_seed.values()
-                                                                       for r in (row["round"] for row in rows if row.get("accuracy") is not None)})
+    acc = {cell: {seed: evaluated(rows) for seed, rows in per_seed.items()} for cell, per_seed in curves.items()}
+    marks = sorted({300, *(rounds * q // 4 for q in (1, 2, 3, 4))} & {r for per_seed in acc.values() for a in per_seed.values() for r in a})
     lines = ["", "## Over the rounds: does the ordering after 300 rounds last?", "",
              "Test accuracy, mean over seeds; DAGC rows add DAGC - Top-delta in points (paired per seed, mean). Plateau: the",
              "first evaluation after which a run's accuracy stays within 0.5 points of its final value, per seed.", "",
              "| skew ratio | mean ratio | method | " + " | ".join(f"round {r}" for r in marks) + " | plateau round per seed |",
              "|---|---|---|" + "---|" * len(marks) + "---|"]
-    for (skew, mean, name), per_seed in curves.items():
+    for (skew, mean, name), per_seed in acc.items():
+        base = acc.get((skew, mean, "Top-delta"), {})
         cols = []
         for r in marks:
-            accs = [a for rows in per_seed.values() if (a := accuracy_at(rows, r)) is not None]
+            accs = [a[r] for a in per_seed.values() if r in a]
             cell = f"{np.mean(accs):.4f}" if accs else "-"
-            base = curves.get((skew, mean, "Top-delta"), {})
-            gaps = [100 * (accuracy_at(rows, r) - accuracy_at(base[s], r)) for s, rows in per_seed.items()
-                    if s in base and accuracy_at(rows, r) is not None and accuracy_at(base[s], r) is not None]
+            gaps = [100 * (a[r] - base[s][r]) for s, a in per_seed.items() if r in a and r in base.get(s, {})]
             if name.startswith("DAGC") and gaps:
                 cell += f" ({np.mean(gaps):+.2f})"
             cols.append(cell)
-        plateaus = ", ".join(f"s{s}: {plateau_round(rows)}" for s, rows in per_seed.items())
+        plateaus = ", ".join(f"s{s}: {plateau_round(rows)}" for s, rows in curves[skew, mean, name].items())
         lines.append(f"| {skew:g} | {mean:g} | {name} | " + " | ".join(cols) + f" | {plateaus} |")
     return lines
 
@@ -226,8 +226,9 @@ def plot_curves(curves: dict[Cell, dict[int, list[dict]]], path: Path) -> None:
         for (s, m, name), per_seed in curves.items():
             if (s, m) != (skew, mean):
                 continue
-            rounds = sorted({row["round"] for rows in per_seed.values() for row in rows if row.get("accuracy") is not None})
-            means = [np.mean([a for rows in per_seed.values() if (a := accuracy_at(rows, r)) is not None]) for r in rounds]
+            acc = [evaluated(rows) for rows in per_seed.values()]
+            rounds = sorted({r for a in acc for r in a})
+            means = [np.mean([a[r] for a in acc if r in a]) for r in rounds]
             ax.plot(rounds, means, label=f"{name} ({len(per_seed)} seeds)")
         ax.set_title(f"SR {skew:g}, mean ratio {mean:g}")
         ax.set_xlabel("round")
