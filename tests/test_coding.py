@@ -204,3 +204,69 @@ def test_deflate_bomb_claim_refused():
     blob = struct.pack("<BBIQ", 1, 2, 256, 2**40) + zlib.compress(b"\0" * 1000)
     with pytest.raises(PayloadError, match="cannot hold"):
         decode_symbols(blob, 256)
+
+
+def near_uniform_with_rare(kept_symbols, alphabet, n, rare, seed):
+    """Symbols uniform over ``kept_symbols`` except ``rare`` positions holding other symbols."""
+    rng = np.random.default_rng(seed)
+    s = rng.choice(np.asarray(kept_symbols), size=n)
+    others = np.setdiff1d(np.arange(alphabet), kept_symbols)
+    if rare and others.size:
+        s[rng.choice(n, size=rare, replace=False)] = rng.choice(others, size=rare)
+    return s
+
+
+@pytest.mark.parametrize("kept, alphabet, rare", [([0, 2], 3, 0), ([0, 2], 3, 3), ([1, 2], 3, 10), ([3, 5, 9, 12], 16, 8)])
+def test_near_uniform_streams_are_packed_not_range_coded(kept, alphabet, rare):
+    from fedcomp.coding.symbols import _HEADER, SUBSET, SUBSET_SLACK
+
+    s = near_uniform_with_rare(kept, alphabet, 200_000, rare, seed=3)
+    blob = encode_symbols(s, alphabet)
+    assert blob[1] == SUBSET
+    assert len(blob) - _HEADER.size <= (1 + SUBSET_SLACK) * empirical_entropy_bytes(s, alphabet)
+    assert np.array_equal(decode_symbols(blob, alphabet, count=s.size), s)
+    deflated = encode_symbols(s, alphabet, deflate=True)  # subset packing is a candidate there too
+    assert len(deflated) <= len(blob) and np.array_equal(decode_symbols(deflated, alphabet), s)
+
+
+def test_skewed_streams_still_use_the_range_coder():
+    from fedcomp.coding.symbols import RANGE
+
+    s = near_uniform_with_rare([0, 1], 2, 200_000, 0, seed=4)
+    s[: 40_000] = 0  # 60/40: the range coder saves 3%, more than the slack
+    assert encode_symbols(s, 2)[1] == RANGE
+
+
+@settings(max_examples=300, deadline=None)
+@given(alphabet=st.integers(2, 40), width=st.integers(1, 3), n=st.integers(1, 3000), rare=st.integers(0, 30), seed=st.integers(0, 2**31))
+def test_subset_round_trip(alphabet, width, n, rare, seed):
+    """The subset format for any kept set and exceptions (the encoder sends it only when it is
+    within the slack of the entropy, which short streams seldom are)."""
+    from fedcomp.coding.symbols import _HEADER, SUBSET, SYMBOL_CODE_VERSION, _counts, _encode_subset
+
+    kept = np.sort(np.random.default_rng(seed).choice(alphabet, size=min(1 << width, alphabet), replace=False))
+    s = near_uniform_with_rare(kept, alphabet, n, min(rare, n - 1), seed)
+    body = _encode_subset(s, _counts(s, alphabet), kept, int(kept.size - 1).bit_length())
+    blob = _HEADER.pack(SYMBOL_CODE_VERSION, SUBSET, alphabet, n) + body
+    assert np.array_equal(decode_symbols(blob, alphabet, count=n), s)
+
+
+def test_subset_stream_corruption_is_caught():
+    from fedcomp.coding.symbols import SUBSET
+
+    s = near_uniform_with_rare([0, 2], 3, 200_000, 3, seed=5)
+    blob = encode_symbols(s, 3)
+    assert blob[1] == SUBSET
+    # Every cut and flip in the headers, kept-symbol table and exceptions; a sample of the packed ranks.
+    positions = [*range(120), *range(120, len(blob), 997)]
+    for cut in positions:
+        with pytest.raises(PayloadError):
+            decode_symbols(blob[:cut], 3)
+    for pos in positions:
+        bad = bytearray(blob)
+        bad[pos] ^= 0x5A
+        try:
+            out = decode_symbols(bytes(bad), 3)
+        except PayloadError:
+            continue
+        assert out.min() >= 0 and out.max() < 3

@@ -1,6 +1,6 @@
 """Fixed-width bit packing, MSB first, with numpy's packbits/unpackbits.
 
-Widths up to 8 (signs, ternary and most level symbols) take a word-parallel path: eight values
+Width 1 is numpy's packbits itself. Widths up to 8 (signs, ternary and most level symbols) take a word-parallel path: eight values
 are shifted into one 64-bit word whose low ``width`` bytes are exactly their bit string, so each
 value costs a few vector operations instead of 8 unpacked bytes. Wider values are written as the
 low ``width`` bits of the smallest unsigned word that holds them (big-endian, so numpy's bit
@@ -34,6 +34,8 @@ def pack_bits(values: np.ndarray, width: int) -> bytes:
         return b""
     if values.min() < 0 or (width < 64 and int(values.max()) >> width):
         raise ValueError(f"a value does not fit in {width} bits")
+    if width == 1:  # one bit per value is numpy's own packing
+        return np.packbits(values.astype(bool, copy=False)).tobytes()
     if width <= 8:
         return b"".join(_pack_octets(values[start : start + _CHUNK], width) for start in range(0, values.size, _CHUNK))[
             : -(-values.size * width // 8)
@@ -58,6 +60,8 @@ def unpack_bits(blob: bytes | memoryview, width: int, count: int, dtype: np.dtyp
     if len(blob) < need:
         raise PayloadError(f"truncated bit field: {count} x {width} bits need {need} bytes, {len(blob)} present")
     data = np.frombuffer(blob, dtype=np.uint8, count=need)
+    if width == 1:
+        return np.unpackbits(data, count=count).astype(dtype, copy=False)
     if width <= 8:
         out = np.empty(count, dtype=dtype)
         for start in range(0, count, _CHUNK):

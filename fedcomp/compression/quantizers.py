@@ -28,8 +28,8 @@ def _read_scale(blob: memoryview, what: str) -> float:
 
 
 def _pack_ternary(scale: float, ternary: torch.Tensor, deflate: bool) -> bytes:
-    """One scale and symbols {-1, 0, 1} (sent as 0, 1, 2)."""
-    return _F32.pack(scale) + encode_symbols((ternary + 1).to(torch.int32).numpy(), 3, deflate)
+    """One scale and symbols {-1, 0, 1} (sent as 0, 1, 2), made in int8: a quarter of int32's traffic."""
+    return _F32.pack(scale) + encode_symbols(ternary.to(torch.int8).add_(1).numpy(), 3, deflate)
 
 
 def _unpack_ternary(blob: memoryview, n: int, what: str) -> torch.Tensor:

@@ -46,7 +46,7 @@ class Recipe(Compressor):
         check_finite(x)
         flat = x.detach().reshape(-1).float()
         idx, vals = self.selector.select(flat, self.generator)
-        sparse = not isinstance(self.selector, Dense)
+        sparse = idx is not None
         body = bytearray([_SPARSE if sparse else 0])
         if sparse:
             blob = encode_indices(idx.cpu().numpy(), flat.numel())

@@ -146,5 +146,5 @@ class Stochastic:
 class Dense:
     """Every coordinate (for quantizers applied to the whole vector)."""
 
-    def select(self, x: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.arange(x.numel(), device=x.device), x
+    def select(self, x: torch.Tensor, generator: torch.Generator | None = None) -> tuple[None, torch.Tensor]:
+        return None, x  # no positions to send: the values are the whole vector, in order
