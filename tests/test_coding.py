@@ -218,15 +218,24 @@ def near_uniform_with_rare(kept_symbols, alphabet, n, rare, seed):
 
 @pytest.mark.parametrize("kept, alphabet, rare", [([0, 2], 3, 0), ([0, 2], 3, 3), ([1, 2], 3, 10), ([3, 5, 9, 12], 16, 8)])
 def test_near_uniform_streams_are_packed_not_range_coded(kept, alphabet, rare):
-    from fedcomp.coding.symbols import _HEADER, SUBSET, SUBSET_SLACK
+    from fedcomp.coding.symbols import _HEADER, PACKING_SLACK, SUBSET
 
     s = near_uniform_with_rare(kept, alphabet, 200_000, rare, seed=3)
     blob = encode_symbols(s, alphabet)
     assert blob[1] == SUBSET
-    assert len(blob) - _HEADER.size <= (1 + SUBSET_SLACK) * empirical_entropy_bytes(s, alphabet)
+    assert len(blob) - _HEADER.size <= (1 + PACKING_SLACK) * empirical_entropy_bytes(s, alphabet)
     assert np.array_equal(decode_symbols(blob, alphabet, count=s.size), s)
     deflated = encode_symbols(s, alphabet, deflate=True)  # subset packing is a candidate there too
     assert len(deflated) <= len(blob) and np.array_equal(decode_symbols(deflated, alphabet), s)
+
+
+def test_uniform_binary_stream_is_raw_packed_without_range_coding(monkeypatch):
+    from fedcomp.coding import symbols
+
+    monkeypatch.setattr(symbols.constriction.stream.queue, "RangeEncoder", None)  # would fail if called
+    s = near_uniform_with_rare([0, 1], 2, 200_000, 0, seed=6)
+    blob = encode_symbols(s, 2)
+    assert blob[1] == symbols.RAW and np.array_equal(decode_symbols(blob, 2), s)
 
 
 def test_skewed_streams_still_use_the_range_coder():

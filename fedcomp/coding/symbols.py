@@ -8,10 +8,10 @@ used instead; with ``deflate=True`` the raw packing compressed by zlib's deflate
 candidate (it can win on messages with repeated runs, which a per-symbol model cannot see).
 A fourth method packs each symbol's rank among the 2^w most frequent symbols at w bits, and
 lists the others as exceptions (Rice-coded positions, raw symbols): signs with rare zeros in a
-ternary alphabet cost one bit each plus the zeros' positions. When that is within
-``SUBSET_SLACK`` (0.1%) of the message's entropy bound, the range coder could save at most that
-much and is not run: range-coding a near-uniform stream takes several times as long as packing
-it (signSGD, EF-signSGD, STC and S+Q values, HGC's 1-bit levels). The method byte says which was used.
+ternary alphabet cost one bit each plus the zeros' positions. When raw or subset packing is
+within ``PACKING_SLACK`` (0.1%) of the message's entropy bound, the range coder could save at
+most that much and is not run: range-coding a near-uniform stream takes several times as long
+as packing it (signSGD's and EF-signSGD's signs). The method byte says which was used.
 
 Blob layout: version u8 | method u8 | alphabet u32 | count u64 | method body, where the range
 body is alphabet x LEB128 counts, then the coder's u32 words (little-endian), and the subset body
@@ -35,7 +35,7 @@ from fedcomp.wire.errors import PayloadError
 
 SYMBOL_CODE_VERSION = 1
 RAW, RANGE, DEFLATE, SUBSET = 0, 1, 2, 3
-SUBSET_SLACK = 1e-3
+PACKING_SLACK = 1e-3
 # zlib expands at most ~1032:1; a deflated body claiming more than this is refused unread.
 _MAX_INFLATE = 1100
 _HEADER = struct.Struct("<BBIQ")
@@ -103,6 +103,7 @@ def _subset_plan(counts: np.ndarray, width: int) -> tuple[np.ndarray, int, float
     for w in range(1, width):
         kept = np.sort(order[: 1 << w])
         e = n - int(counts[kept].sum())
+        # + the kept-symbol table, and with exceptions the index blob's 10-byte header and lengths
         size = (n * w + e * (np.log2(n / e) + 2 + width if e else 0)) / 8 + len(kept) + (16 if e else 2)
         if size < best[2]:
             best = (kept, w, size)
@@ -151,12 +152,16 @@ def encode_symbols(symbols: np.ndarray, alphabet: int, deflate: bool = False) ->
     if alphabet == 1 or symbols.size == 0:
         return header + pack_bits(symbols, width)
     counts = _counts(symbols, alphabet)
+    # A packing this close to the entropy is sent without running the range coder (module doc).
+    good_enough = (1 + PACKING_SLACK) * _entropy_bytes(counts)
     sizes, bodies = {RAW: -(-symbols.size * width // 8)}, {}
+    if not deflate and sizes[RAW] <= good_enough:
+        return header + pack_bits(symbols, width)
     kept, w, estimate = _subset_plan(counts, width)
-    if estimate <= min(sizes[RAW], (1 + SUBSET_SLACK) * _entropy_bytes(counts)):
+    if estimate <= min(sizes[RAW], good_enough):
         bodies[SUBSET] = _encode_subset(symbols, counts, kept, w)
         sizes[SUBSET] = len(bodies[SUBSET])
-        if not deflate and sizes[SUBSET] <= min(sizes[RAW], (1 + SUBSET_SLACK) * _entropy_bytes(counts)):
+        if not deflate and sizes[SUBSET] <= min(sizes[RAW], good_enough):
             return _HEADER.pack(SYMBOL_CODE_VERSION, SUBSET, alphabet, symbols.size) + bodies[SUBSET]
     encoder = constriction.stream.queue.RangeEncoder()
     encoder.encode(symbols.astype(np.int32, copy=False), _model(counts))

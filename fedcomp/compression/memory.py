@@ -26,7 +26,9 @@ class ErrorFeedback(Compressor):
             self.residual = torch.zeros_like(flat)
         corrected = flat + self.residual.to(flat.device)
         payload = self.inner.compress(corrected.reshape(x.shape).to(x.dtype))
-        self.residual = corrected - self.inner.decompress(payload).reshape(-1).to(flat.device, torch.float32)
+        # In place: ``corrected`` is this call's own tensor, and a fresh d-sized buffer per client
+        # and round costs page faults as well as the copy.
+        self.residual = corrected.sub_(self.inner.decompress(payload).reshape(-1).to(flat.device, torch.float32))
         return payload
 
     def decompress(self, payload: bytes, shape: tuple[int, ...] | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
