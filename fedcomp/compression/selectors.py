@@ -111,17 +111,19 @@ def optimal_probabilities(g: torch.Tensor, budget_t: float) -> torch.Tensor:
     if budget_t >= nnz:
         return (a > 0).double()
     # n_s <= ceil(T) (at m >= T the test below holds trivially), so only the largest ceil(T) + 1
-    # magnitudes need ordering: a partial selection instead of a full sort.
-    top = torch.topk(a, min(nnz, math.ceil(budget_t) + 1), sorted=True)
-    s = top.values.double()
+    # magnitudes need ordering: a partial selection, then a sort of those alone (ties by index).
+    chosen = top_k_indices(a, min(nnz, math.ceil(budget_t) + 1))
+    s, order = torch.sort(a[chosen], descending=True, stable=True)
+    top_indices = chosen[order]
+    s = s.double()
     # tail[m] = sum_{i >= m} s_i, summed from the small end (total minus a prefix would cancel)
-    rest = a.index_fill(0, top.indices, 0.0).sum(dtype=torch.float64)
+    rest = a.index_fill(0, top_indices, 0.0).sum(dtype=torch.float64)
     tail = rest + torch.flip(torch.cumsum(torch.flip(s, [0]), 0), [0])
     m = torch.arange(len(s), dtype=torch.float64)
     ok = s * (budget_t - m) <= tail  # largest remaining entry fits under 1 once m are saturated
     n_s = int(torch.nonzero(ok)[0])  # ok holds at the last ranked entry, see above
-    p = torch.clamp(a.double() * (budget_t - n_s) / tail[n_s], max=1.0)
-    p[top.indices[:n_s]] = 1.0
+    p = a.double().mul_(budget_t - n_s).div_(tail[n_s]).clamp_(max=1.0)  # in place: d float64s once
+    p[top_indices[:n_s]] = 1.0
     return p
 
 
