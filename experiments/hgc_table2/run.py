@@ -187,6 +187,8 @@ def tabulate(runs: dict[str, dict[str, dict[int, dict]]], rounds: int, missing: 
                   + ", ".join(f"seed {k}: round {v}" for k, v in plateaus.items()) + f" of {rounds}.", "",
                   "Speedup: FedAvg's simulated time over the method's for the same rounds (network=lan_1gbps: 1000 Mbit/s, "
                   "50 GFLOP/s clients, compute from FLOPs and codec time from the calibrated table; deterministic). "
+                  "A record keeps the simulated times of the code that made it: a later recalibration of the codec-time "
+                  "table (fedcomp/network/codec_times.json) changes new runs, not recorded ones. "
                   f"CR columns: seed {seeds[0]}; "
                   "'w/o sync' leaves round 1's downlink (the initial model) out of the method's bytes and the dense reference.", "",
                   "| method | seeds | final acc | best acc | Max CR up | Max CR down | Total CR up | Total CR down | Total CR total | "
