@@ -1,12 +1,12 @@
 """Fixed-width bit packing, MSB first, with numpy's packbits/unpackbits.
 
-Width 1 is numpy's packbits itself. Widths up to 8 (signs, ternary and most level symbols) take a word-parallel path: eight values
-are shifted into one 64-bit word whose low ``width`` bytes are exactly their bit string, so each
-value costs a few vector operations instead of 8 unpacked bytes. Wider values are written as the
-low ``width`` bits of the smallest unsigned word that holds them (big-endian, so numpy's bit
-order is the wire's) through unpackbits/packbits. Work goes in chunks of ``_CHUNK`` values, so
-intermediates stay a few MB whatever the message size, and decoding writes straight into an
-output array of the caller's dtype.
+Width 1 is numpy's packbits itself. Widths up to 8 (ternary and most level symbols) take a
+word-parallel path: eight values are shifted into one 64-bit word whose low ``width`` bytes are
+exactly their bit string, so each value costs a few vector operations instead of 8 unpacked
+bytes. Wider values are written as the low ``width`` bits of the smallest unsigned word that
+holds them (big-endian, so numpy's bit order is the wire's) through unpackbits/packbits. Work
+goes in chunks of ``_CHUNK`` values, so intermediates stay a few MB whatever the message size,
+and decoding writes straight into an output array of the caller's dtype.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Symbol streams: range coding with a model fitted to the message, or raw bit packing.
+"""Symbol streams: range coding with a model fitted to the message, or bit packing.
 
 ``encode_symbols`` counts the symbols of the message, writes the counts in the header and
 range-codes the symbols (constriction's RangeEncoder) under that categorical model, so the
@@ -19,6 +19,15 @@ is LEB128 m >= 2 (the kept symbols) and their gaps (each symbol minus the previo
 from -1), LEB128 e (exceptions) and, when e > 0, the exceptions' index blob's length (LEB128), the
 blob (``fedcomp.coding.indices``) and their symbols raw; then every symbol's rank among the kept
 ones at ceil(log2 m) bits (0 at an exception).
+
+A decoder cannot learn from a range-coded body how many symbols it holds, and a near-certain
+symbol costs almost nothing, so a crafted header could claim 2^40 symbols in a few bytes.
+Receivers therefore say how many symbols they expect (``count``: they know the tensor's
+shape or the mask's size) and a header claiming anything else is refused before any buffer
+is made; deflated bodies inflate at most to the size those symbols need. Without ``count``,
+the encoder's cap on every probability at 2^(-1/256) (each symbol costs at least 1/256 bit,
+binding only when one symbol exceeds 99.7% of the message) still bounds the claim by the
+body's length; raw and subset bodies spend at least one bit per symbol.
 """
 
 from __future__ import annotations
