@@ -20,12 +20,6 @@ fits each codec's encode and decode time (one thread) to c0 + c_values x d + c_b
 bytes over several sizes and ratios -- every registered compressor and HGC's uplink, relay,
 paper broadcast and resync -- and writes fedcomp/network/codec_times.json with this machine's
 single-thread sgemm rate as the reference the simulated clock scales device speeds against.
-
-    python benchmarks/codecs.py --calibrate --only scaled_sign signsgd
-
-refits only those codecs (after a change to their code) and keeps every other entry: the new
-coefficients are rescaled from this machine's sgemm rate to the table's reference rate, so the
-table stays one machine's model.
 """
 
 from __future__ import annotations
@@ -135,9 +129,8 @@ def hgc_samples(x: torch.Tensor, ratio: float, repeat: int) -> list[tuple[str, s
             ("hgc.relay", "encode", len(relay), 0.0), ("hgc.paper", "encode", len(paper), 0.0), ("hgc.sync", "encode", len(sync), 0.0)]
 
 
-def calibrate(sizes: list[int], ratios: list[float], repeat: int, only: list[str] | None = None) -> None:
-    """Fit every codec's (or ``only`` these compressors') time per direction to
-    c0 + c_values d + c_bytes bytes (see module doc)."""
+def calibrate(sizes: list[int], ratios: list[float], repeat: int) -> None:
+    """Fit every codec's time per direction to c0 + c_values d + c_bytes bytes (see module doc)."""
     from scipy.optimize import nnls
 
     from fedcomp.network.codec_time import TABLE
@@ -148,26 +141,21 @@ def calibrate(sizes: list[int], ratios: list[float], repeat: int, only: list[str
     for d in sizes:
         x = torch.randn(d, generator=torch.Generator().manual_seed(d))
         for ratio in ratios:
-            for name in only or registered():
+            for name in registered():
                 c = build(name, **compressor_params(name, ratio, x))
                 enc_s, payload = timed(lambda: (c.reseed(0), c.compress(x))[1], repeat)
                 dec_s, _ = timed(lambda: c.decompress(payload), repeat)
                 codec = frame_codec(payload)
                 samples.setdefault((codec, "encode"), []).append((d, len(payload), enc_s))
                 samples.setdefault((codec, "decode"), []).append((d, len(payload), dec_s))
-            for codec, way, nbytes, seconds in [] if only else hgc_samples(x, ratio, repeat):
+            for codec, way, nbytes, seconds in hgc_samples(x, ratio, repeat):
                 samples.setdefault((codec, way), []).append((d, nbytes, seconds))
             print(f"calibrated d={d} ratio={ratio}", flush=True)
-    gflops = round(sgemm_gflops(), 2)
-    table: dict = {"reference_gflops": gflops, "encode": {}, "decode": {}}
-    if only:  # keep the table's machine: times measured here, expressed at its reference speed
-        table = json.loads(TABLE.read_text())
-    to_reference = gflops / table["reference_gflops"]
+    table: dict = {"reference_gflops": round(sgemm_gflops(), 2), "encode": {}, "decode": {}}
     for (codec, way), rows in sorted(samples.items()):
         a = np.array([[1.0, d, b] for d, b, _ in rows])
         coef, _ = nnls(a, np.array([t for *_, t in rows]))
-        table[way][codec] = [float(f"{v * to_reference:.4g}") for v in coef]
-    print(f"this machine: {gflops} GFLOP/s single-thread sgemm; times scaled by {to_reference:.3f} to the table's reference")
+        table[way][codec] = [float(f"{v:.4g}") for v in coef]
     lines = [f'{{"reference_gflops": {table["reference_gflops"]},']
     for i, way in enumerate(("encode", "decode")):
         body = ",\n".join(f"  {json.dumps(codec)}: {json.dumps(c)}" for codec, c in table[way].items())
@@ -182,10 +170,9 @@ def main() -> None:
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.001, 0.01])
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--calibrate", action="store_true", help="fit the codec time table (fedcomp/network/codec_times.json)")
-    ap.add_argument("--only", nargs="+", choices=registered(), help="with --calibrate: refit these compressors, keep the rest")
     args = ap.parse_args()
     if args.calibrate:
-        calibrate([s for s in args.sizes if s <= 4_000_000] or args.sizes, sorted(set(args.ratios) | {0.1}), args.repeat, args.only)
+        calibrate([s for s in args.sizes if s <= 4_000_000] or args.sizes, sorted(set(args.ratios) | {0.1}), args.repeat)
         return
 
     rows = []
