@@ -152,21 +152,25 @@ def test_symbols_fall_back_to_raw_packing_when_smaller():
     assert blob[1] == 0 and len(blob) == 14 + 2
 
 
+def assert_cuts_raise_and_flips_stay_in_alphabet(blob, alphabet, cuts, flips):
+    for cut in cuts:
+        with pytest.raises(PayloadError):
+            decode_symbols(blob[:cut], alphabet)
+    for pos in flips:
+        bad = bytearray(blob)
+        bad[pos] ^= 0x5A
+        try:
+            out = decode_symbols(bytes(bad), alphabet)
+        except PayloadError:
+            continue
+        assert out.min() >= 0 and out.max() < alphabet
+
+
 def test_symbol_stream_corruption_is_caught():
     rng = np.random.default_rng(2)
     s = rng.choice(5, size=3000, p=[0.5, 0.2, 0.1, 0.1, 0.1])
     blob = encode_symbols(s, 5)
-    for cut in range(len(blob)):
-        with pytest.raises(PayloadError):
-            decode_symbols(blob[:cut], 5)
-    for pos in range(0, len(blob), 3):
-        bad = bytearray(blob)
-        bad[pos] ^= 0x5A
-        try:
-            out = decode_symbols(bytes(bad), 5)
-        except PayloadError:
-            continue
-        assert out.min() >= 0 and out.max() < 5
+    assert_cuts_raise_and_flips_stay_in_alphabet(blob, 5, range(len(blob)), range(0, len(blob), 3))
 
 
 def test_symbol_count_claim_bounded_by_body():
@@ -268,14 +272,4 @@ def test_subset_stream_corruption_is_caught():
     assert blob[1] == SUBSET
     # Every cut and flip in the headers, kept-symbol table and exceptions; a sample of the packed ranks.
     positions = [*range(120), *range(120, len(blob), 997)]
-    for cut in positions:
-        with pytest.raises(PayloadError):
-            decode_symbols(blob[:cut], 3)
-    for pos in positions:
-        bad = bytearray(blob)
-        bad[pos] ^= 0x5A
-        try:
-            out = decode_symbols(bytes(bad), 3)
-        except PayloadError:
-            continue
-        assert out.min() >= 0 and out.max() < 3
+    assert_cuts_raise_and_flips_stay_in_alphabet(blob, 3, positions, positions)
