@@ -17,6 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 
 def load_run(out_dir: Path) -> dict[str, Any]:
     """summary.json plus the per-round records as ``rows``."""
@@ -95,6 +97,13 @@ def plateau_round(rows: list[dict[str, Any]], tolerance: float = 0.005) -> int:
         if all(abs(a - final) <= tolerance for _, a in evaluated[i:]):
             return rnd
     return evaluated[-1][0]
+
+
+def mean_std(values: list[float], fmt: str = ".4f") -> str:
+    """"mean ± population std" for a table cell (the value alone when there is one)."""
+    if len(values) == 1:
+        return format(values[0], fmt)
+    return f"{format(float(np.mean(values)), fmt)} ± {format(float(np.std(values)), fmt)}"
 
 
 def write_results(results_dir: Path, lines: list[str], summary: dict[str, Any], table: str = "table.md") -> None:

@@ -290,3 +290,11 @@ def test_run_records_stand_in_for_finished_runs(tmp_path):
     assert [sorted(r["clients"]) for r in again["rows"]] == [sorted(r["clients"]) for r in first["rows"]]
     assert [c["bytes_up"] for r in again["rows"] for c in r["clients"].values()] == \
         [c["bytes_up"] for r in first["rows"] for c in r["clients"].values()]
+
+
+def test_mean_std_cell_uses_the_population_std_and_shows_a_single_value_alone():
+    from fedcomp.runs import mean_std
+
+    assert mean_std([0.5, 0.7]) == "0.6000 ± 0.1000"
+    assert mean_std([12.0, 14.0, 16.0], ".1f") == "14.0 ± 1.6"
+    assert mean_std([0.8815]) == "0.8815"

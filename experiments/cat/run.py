@@ -21,7 +21,7 @@ import math
 import statistics
 from pathlib import Path
 
-from fedcomp.runs import finished, first_round, run_many, write_results
+from fedcomp.runs import finished, first_round, mean_std, run_many, write_results
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNS = ROOT / "outputs" / "cat"
@@ -65,13 +65,6 @@ def to_target(run: dict, target_loss: float) -> dict:
             "final_accuracy": run["final_accuracy"]}
 
 
-def spread(values: list[float], fmt: str) -> str:
-    """mean ± population std (the mean alone for one value)."""
-    if len(values) == 1:
-        return format(values[0], fmt)
-    return f"{format(statistics.mean(values), fmt)} ± {format(statistics.pstdev(values), fmt)}"
-
-
 def table_lines(args: argparse.Namespace, results: dict[str, dict[int, dict]]) -> list[str]:
     seeds = sorted({seed for per_seed in results.values() for seed in per_seed})
     lines = [f"# CAT vs fixed T on FashionMNIST / logreg (4 clients, target test loss {args.target_loss})", "",
@@ -89,13 +82,13 @@ def table_lines(args: argparse.Namespace, results: dict[str, dict[int, dict]]) -
     for name, per_seed in results.items():
         kind, rule = name.split(" | ")
         hits = [r for r in per_seed.values() if r["to_target"]]
-        cells = (f"{spread([r['to_target']['round'] for r in hits], '.0f')} "
-                 f"| {spread([8e-6 * r['to_target']['bytes_up'] for r in hits], '.3f')} "
-                 f"| {spread([1e-6 * r['packet_bits_to_target'] for r in hits], '.3f')}") if hits else "- | - | -"
+        cells = (f"{mean_std([r['to_target']['round'] for r in hits], '.0f')} "
+                 f"| {mean_std([8e-6 * r['to_target']['bytes_up'] for r in hits], '.3f')} "
+                 f"| {mean_std([1e-6 * r['packet_bits_to_target'] for r in hits], '.3f')}") if hits else "- | - | -"
         lines.append(f"| {kind} | {rule} | {len(hits)}/{len(per_seed)} | {cells} "
                      f"| {statistics.mean(r['mean_payload_bytes'] for r in per_seed.values()):,.0f} B "
-                     f"| {spread([r['final_loss'] for r in per_seed.values()], '.4f')} "
-                     f"| {spread([r['final_accuracy'] for r in per_seed.values()], '.4f')} |")
+                     f"| {mean_std([r['final_loss'] for r in per_seed.values()], '.4f')} "
+                     f"| {mean_std([r['final_accuracy'] for r in per_seed.values()], '.4f')} |")
     lines += ["", "## The claim, seed by seed: CAT (packet model) against the best fixed T of the same seed", "",
               "Packet-model Mbit to the target; ratio = CAT / best fixed T (below 1: CAT spent fewer bits).", "",
               "| compressor | seed | best fixed T | its Mbit | CAT, packet model Mbit | ratio |", "|---|---|---|---|---|---|"]

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from fedcomp.metrics.accounting import speedup
-from fedcomp.runs import finished, plateau_round, run_many, write_results
+from fedcomp.runs import finished, mean_std, plateau_round, run_many, write_results
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNS = ROOT / "outputs" / "hgc_table2"
@@ -123,10 +123,6 @@ def ratios_without_first_sync(s: dict) -> dict[str, float]:
     dense = s["dense_payload_bytes"]
     up, down = sum(c["bytes_up"] for c in clients), sum(c["bytes_down"] for c in later)
     return {"down": dense * len(later) / down, "total": dense * (len(clients) + len(later)) / (up + down)}
-
-
-def mean_std(values: list[float]) -> str:
-    return f"{np.mean(values):.4f} ± {np.std(values):.4f}" if len(values) > 1 else f"{values[0]:.4f}"
 
 
 def fmt(x: float) -> str:

@@ -1,8 +1,8 @@
 """Sparsifiers: which coordinates of a flat vector are sent, and with which values.
 
 Each selector maps a flat float32 vector to (sorted int64 indices, values at those indices),
-on the vector's device. Most send the original values; stochastic sparsification sends
-g_j / p_j to stay unbiased.
+on the vector's device; ``Dense`` returns no indices (None): its values are the whole vector.
+Most send the original values; stochastic sparsification sends g_j / p_j to stay unbiased.
 """
 
 from __future__ import annotations
