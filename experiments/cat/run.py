@@ -70,7 +70,7 @@ def table_lines(args: argparse.Namespace, results: dict[str, dict[int, dict]]) -
     lines = [f"# CAT vs fixed T on FashionMNIST / logreg (4 clients, target test loss {args.target_loss})", "",
              f"Regenerate: `.venv/bin/python experiments/cat/run.py --rounds {args.rounds} --target-loss {args.target_loss} "
              f"--eval-every {args.eval_every} --seeds {' '.join(map(str, seeds))} --table-only`", "",
-             "Every run: one SGD step of batch 256 per round, lr 0.1, no error feedback, the same CAT compressor and lemma "
+             "Every run: one plain SGD step of batch 256 per round (no momentum, no weight decay), lr 0.1, no error feedback, the same CAT compressor and lemma "
              "step (fixed T: the search switched off). Packet model: c1 = 128 B per packet, c0 = 64 B, P_max = 128 B, "
              "FPP = 64 (the paper's Fig. 1c), applied to the actual encoded payloads. Test loss every "
              f"{args.eval_every} rounds: 'rounds to target' is the first evaluation at or below the target. "
