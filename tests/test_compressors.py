@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedcomp.compression import PayloadError, build, registered
-from fedcomp.compression.selectors import budget, optimal_probabilities, top_k_indices
+from fedcomp.compression.selectors import at_least, budget, optimal_probabilities, top_k_indices
 from fedcomp.config.compose import CONF_DIR
 
 ALL = registered()
@@ -179,6 +179,14 @@ def test_top_k_indices_equal_the_definition(seed, d, frac, shape):
     assert torch.equal(top_k_indices(a, k), _top_k_by_definition(a, k))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_candidates_at_least_a_threshold_are_the_comparison_in_every_dtype(dtype):
+    """numpy's comparison (float32/64 on the CPU) and torch's (the rest) keep the same entries."""
+    a = torch.round(torch.randn(20_000, generator=torch.Generator().manual_seed(1)).abs() * 8).to(dtype)
+    for t in (a[123], a.amax(), a.amin()):
+        assert torch.equal(at_least(a, t), torch.nonzero(a >= t).reshape(-1))
+
+
 def test_top_k_indices_fall_back_when_the_sample_overestimates_the_threshold():
     a = torch.ones(100_000)
     step = 100_000 // 6_400  # the sample's stride at k = 1000
@@ -227,6 +235,28 @@ def test_error_feedback_residual_accumulates_what_was_dropped():
     assert torch.equal(second, torch.tensor([0.0, 1.8, 0.0]))  # the dropped 0.9 came back
     # sum of what was sent + residual == sum of inputs
     assert torch.allclose(first + second + c.state()["residual"], 2 * x)
+
+
+@pytest.mark.parametrize("name", ALL)
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 10**6), d=st.integers(1, 3000))
+def test_error_feedback_residual_is_bitwise_the_dense_formula(name, seed, d):
+    """e_{t+1} = x_t + e_t - D(p_t), to the bit (signed zeros included), whether D(p_t) comes back
+    sparse (k entries subtracted) or dense; and decompress_sparse rebuilds decompress exactly."""
+    c = build(name, error_feedback=True)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(3):
+        x = torch.randn(d, generator=g)
+        x[::7] = -0.0
+        residual = c.state()["residual"]
+        corrected = x + (residual if residual.numel() == d else torch.zeros(d))
+        payload = c.compress(x)
+        dense = c.decompress(payload)
+        expected = corrected - dense
+        assert torch.equal(c.state()["residual"].view(torch.int32), expected.view(torch.int32))
+        idx, values = c.decompress_sparse(payload)
+        rebuilt = values if idx is None else torch.zeros(d).index_put_((idx,), values)
+        assert torch.equal(rebuilt.view(torch.int32), dense.view(torch.int32))
 
 
 def test_layerwise_scope_applies_the_budget_per_layer():

@@ -254,22 +254,28 @@ def test_plateau_round_is_where_accuracy_settles_within_tolerance_of_the_final_v
     assert plateau_round(rows[:-1] + [{"round": 500, "accuracy": 0.90}]) == 500  # never settles: the last evaluation
 
 
-@pytest.mark.parametrize("compressor, held", [("topk", bytes), ("none", torch.Tensor)])
-def test_arrivals_hold_sparse_payloads_not_dense_updates(fast_cfg, compressor, held):
-    """Until aggregation a round's arrivals keep what is smaller: a top-k payload instead of
-    its d floats (memory O(payloads), not O(clients x d)); aggregation decodes it again."""
+@pytest.mark.parametrize("compressor, held", [("topk", "entries"), ("qsgd", "payload"), ("none", "dense")])
+def test_arrivals_hold_sparse_entries_or_payloads_not_dense_updates(fast_cfg, compressor, held):
+    """Until aggregation a round's arrivals cost O(payloads), not O(clients x d): a top-k update
+    is kept as its k decoded entries, a dense quantizer's as its payload (decoded again when
+    aggregated), an uncompressed one as its floats. Each rebuilds exactly ``decompress``."""
     from fedcomp.fl.runtime import get_runtime
     from fedcomp.fl.server_app import build_strategy
 
     cfg = fast_cfg(f"compressor={compressor}")
     strategy = build_strategy(cfg, get_runtime(cfg))
     strategy._global = get_runtime(cfg).flat_model()  # the strategy's start sets it; this test skips that
-    x = torch.zeros(strategy.d)
-    x[::50] = 1.0
+    x = torch.randn(strategy.d, generator=torch.Generator().manual_seed(0))
+    x[::50] *= 100.0
     payload = strategy.up.compress(x)
     kept = strategy.held_update(payload, strategy.decode_update(payload))
-    assert isinstance(kept, held)
-    assert torch.equal(strategy.decode_update(kept) if isinstance(kept, bytes) else kept, strategy.decode_update(payload))
+    assert isinstance(kept, bytes) == (held == "payload")
+    idx, values = strategy.decode_update(kept) if isinstance(kept, bytes) else kept
+    assert (idx is not None) == (held == "entries")
+    if idx is not None:
+        assert len(idx) == len(values) < strategy.d // 50
+        values = torch.zeros(strategy.d).index_put_((idx,), values)
+    assert torch.equal(values, strategy.up.decompress(payload, (strategy.d,), torch.float32))
 
 
 def test_run_records_stand_in_for_finished_runs(tmp_path):

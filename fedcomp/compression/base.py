@@ -29,6 +29,13 @@ class Compressor(ABC):
     @abstractmethod
     def decompress(self, payload: bytes, shape: tuple[int, ...] | None = None, dtype: torch.dtype | None = None) -> torch.Tensor: ...
 
+    def decompress_sparse(self, payload: bytes, shape: tuple[int, ...] | None = None,
+                          dtype: torch.dtype | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """``decompress`` as (ascending flat indices, the values there), zero elsewhere, or
+        (None, the flat dense vector), values in the payload's dtype. Sparse compressors
+        override it so that error feedback and aggregation touch k entries, not d."""
+        return None, self.decompress(payload, shape, dtype).reshape(-1)
+
     def state(self) -> dict[str, torch.Tensor]:
         return {}
 

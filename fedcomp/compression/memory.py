@@ -27,12 +27,24 @@ class ErrorFeedback(Compressor):
         corrected = flat + self.residual.to(flat.device)
         payload = self.inner.compress(corrected.reshape(x.shape).to(x.dtype))
         # In place: ``corrected`` is this call's own tensor, and a fresh d-sized buffer per client
-        # and round costs page faults as well as the copy.
-        self.residual = corrected.sub_(self.inner.decompress(payload).reshape(-1).to(flat.device, torch.float32))
+        # and round costs page faults as well as the copy. A sparse D(p) is zero off its indices,
+        # where c - 0 = c exactly, so only its k entries are touched.
+        idx, values = self.inner.decompress_sparse(payload)
+        values = values.to(flat.device, torch.float32)
+        if idx is None:
+            corrected.sub_(values)
+        else:
+            idx = idx.to(flat.device)
+            corrected.index_put_((idx,), corrected[idx] - values)
+        self.residual = corrected
         return payload
 
     def decompress(self, payload: bytes, shape: tuple[int, ...] | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
         return self.inner.decompress(payload, shape, dtype)
+
+    def decompress_sparse(self, payload: bytes, shape: tuple[int, ...] | None = None,
+                          dtype: torch.dtype | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+        return self.inner.decompress_sparse(payload, shape, dtype)
 
     def state(self) -> dict[str, torch.Tensor]:
         return {"residual": self.residual, **{f"inner.{k}": v for k, v in self.inner.state().items()}}

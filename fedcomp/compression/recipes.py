@@ -55,6 +55,17 @@ class Recipe(Compressor):
         return pack_frame(self.name, x.dtype, tuple(x.shape), body)
 
     def decompress(self, payload: bytes, shape: tuple[int, ...] | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        frame, idx, vals = self._decode(payload, shape, dtype)
+        out = vals if idx is None else torch.zeros(frame.numel, dtype=vals.dtype).index_put_((idx,), vals)
+        return out.reshape(frame.shape)
+
+    def decompress_sparse(self, payload: bytes, shape: tuple[int, ...] | None = None,
+                          dtype: torch.dtype | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+        _, idx, vals = self._decode(payload, shape, dtype)
+        return idx, vals
+
+    def _decode(self, payload: bytes, shape: tuple[int, ...] | None, dtype: torch.dtype | None):
+        """(frame, indices or None, values in the frame's dtype)."""
         frame = unpack_frame(payload, expect=self.name, shape=shape, dtype=dtype)
         body = memoryview(frame.body)
         if not body:
@@ -75,9 +86,7 @@ class Recipe(Compressor):
         else:
             raise PayloadError(f"unknown body flags {body[0]}")
         n = d if idx is None else len(idx)
-        vals = self.values.decode(rest, n)
-        out = vals if idx is None else torch.zeros(d).index_put_((idx,), vals)
-        return out.reshape(frame.shape).to(frame.dtype)
+        return frame, idx, self.values.decode(rest, n).to(frame.dtype)
 
 
 def budget_args(ratio: float | None, k: int | None) -> dict:

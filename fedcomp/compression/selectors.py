@@ -27,6 +27,15 @@ def budget(d: int, ratio: float | None, k: int | None) -> int:
     return min(d, max(1 if ratio > 0 and d else 0, int(round(ratio * d))))
 
 
+def at_least(a: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """Ascending indices of the entries of the flat vector ``a`` that are >= ``threshold`` (an
+    entry of ``a``, so comparing in either library is exact). On the CPU numpy's comparison and
+    flatnonzero take a quarter of torch's ``nonzero(a >= t)`` (measured at d = 1.66M)."""
+    if a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64):
+        return torch.from_numpy(np.flatnonzero(a.detach().numpy() >= threshold.item()))
+    return torch.nonzero(a >= threshold).reshape(-1)
+
+
 def top_k_indices(a: torch.Tensor, k: int) -> torch.Tensor:
     """Ascending indices of the ``k`` largest entries of the flat vector ``a``; entries equal to
     the k-th largest go to the lowest indices, so the choice never depends on torch's (device-
@@ -43,11 +52,13 @@ def top_k_indices(a: torch.Tensor, k: int) -> torch.Tensor:
         return torch.arange(d, device=a.device)
     if k <= 0:
         return torch.zeros(0, dtype=torch.int64, device=a.device)
-    if bool(torch.isnan(a).any()):  # NaN has no order: torch.topk's (NaN first), so NaNs still reach a finiteness check
+    # NaN has no order: torch.topk's (NaN first), so NaNs still reach a finiteness check. A max
+    # propagates NaN and is a tenth of the cost of isnan(a).any() on the CPU.
+    if bool(torch.isnan(a.amax())):
         return torch.topk(a, k, sorted=False).indices.sort().values
     sample = a[:: max(1, d // max(1024, math.ceil(64 * d / k)))]
     j = min(sample.numel(), math.ceil(1.25 * k * sample.numel() / d) + 16)
-    candidates = torch.nonzero(a >= torch.topk(sample, j, sorted=False).values.min()).reshape(-1)
+    candidates = at_least(a, torch.topk(sample, j, sorted=False).values.min())
     if candidates.numel() < k:
         candidates = torch.arange(d, device=a.device)
     values = a[candidates]

@@ -396,21 +396,24 @@ class CompressedFedAvg(Strategy):
                 raise ClientFault(str(exc)) from None
         return payload
 
-    def decode_update(self, payload: bytes) -> torch.Tensor:
-        """The client's update: the model's shape, finite -- else ``ClientFault``."""
+    def decode_update(self, payload: bytes) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The client's update as (indices, values) or (None, dense values) -- the compressor's
+        ``decompress_sparse`` -- of the model's length, finite; else ``ClientFault``."""
         try:
-            update = self.up.decompress(payload, (self.d,), torch.float32)
+            idx, values = self.up.decompress_sparse(payload, (self.d,), torch.float32)
         except (PayloadError, ValueError) as exc:
             raise ClientFault(f"undecodable update: {exc}") from None
-        if not all_finite(update):
+        if not all_finite(values):
             raise ClientFault("update has NaN/Inf entries")
-        return update
+        return idx, values
 
-    def held_update(self, payload: bytes, update: torch.Tensor) -> bytes | torch.Tensor:
-        """What an arrival keeps until aggregation: the (checked) payload when it is smaller
-        than the dense update -- a round's arrivals then cost their payloads, not n x d floats
-        -- decoded again when aggregated; else the update."""
-        return payload if len(payload) < update.numel() * update.element_size() // 2 else update
+    def held_update(self, payload: bytes, update: tuple[torch.Tensor | None, torch.Tensor]) -> bytes | tuple:
+        """What an arrival keeps until aggregation: a sparse update as decoded (k entries); a
+        dense one as its (checked) payload when that is under half its size -- a round's
+        arrivals then cost their payloads, not n x d floats -- decoded again when aggregated."""
+        idx, values = update
+        dense_small = idx is None and len(payload) < values.numel() * values.element_size() // 2
+        return payload if dense_small else update
 
     def client_metrics(self, node: int, metrics) -> dict:
         """The reply's metrics, checked against what the server knows of this client."""
@@ -548,8 +551,12 @@ class CompressedFedAvg(Strategy):
         n = sum(a.client.num_examples for a in accepted)
         total = torch.zeros_like(self._global)
         for a in accepted:
-            update = a.update if isinstance(a.update, torch.Tensor) else self.decode_update(a.update)
-            total += a.client.num_examples * weight(a) * update
+            idx, values = self.decode_update(a.update) if isinstance(a.update, bytes) else a.update
+            scaled = a.client.num_examples * weight(a) * values
+            if idx is None:
+                total += scaled
+            else:  # the same sums as adding the dense update: its other entries add +0.0
+                total.index_add_(0, idx, scaled)
         self.apply_step(self.apply_update(total / n), stats, accepted)
 
     def apply_step(self, step: torch.Tensor, stats: RoundStats, accepted: list[Arrival]) -> None:
