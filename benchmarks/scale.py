@@ -16,12 +16,16 @@ training 6 steps of batch 10 every round, N clients, FedAvg and HGC, inline; the
 client-round should stay flat (HGC's relay and prediction are computed once per round, not
 once per client).
 
+``--repeat N`` runs every cell N times, interleaved (plain, then each method and engine, N
+times over), and reports the median round time and the median of the ratios over the plain
+loop run just before each; on a shared machine single cells move by tens of percent.
+
 ``--memory`` adds the 1000-client memory cells (``--memory-only``: just those); ``--update``
 keeps the cells of the results file that are not run again. Memory cells: every client
 trains every round (fraction 1) for two rounds, cnn4, inline, HGC and top-k + EF as they are,
 with bf16 error feedback and with a state memory budget; the issue's target is 8 GB RSS.
 
-    python benchmarks/scale.py [--models mlp cnn4] [--engines inline pool batched] [--rounds 6] [--memory] [--cohorts 100 300 1000]
+    python benchmarks/scale.py [--models mlp cnn4] [--engines inline pool batched] [--rounds 6] [--repeat 3] [--memory] [--cohorts 100 300 1000]
 
 Prints a table and writes benchmarks/results/scale.json.
 """
@@ -160,6 +164,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--engines", nargs="+", default=["inline", "pool", "batched"], choices=["inline", "pool", "batched", "ray"])
     ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--repeat", type=int, default=1, help="run every cell N times, interleaved, and report medians")
     ap.add_argument("--memory", action="store_true", help="also the 1000-client memory cells")
     ap.add_argument("--memory-only", action="store_true", help="only the memory cells (with --update: those not in the results file yet)")
     ap.add_argument("--update", action="store_true", help="keep the results file's other cells, replace the ones run now")
@@ -183,16 +188,26 @@ def main() -> None:
                   f"{row.get('error', '')}", flush=True)
             save(rows, memory, args.rounds, cohorts)
     for model in [] if args.memory_only or args.cohorts else args.models:
-        plain = run_cell(model, "fedavg", "plain", args.rounds, 0.05)
-        print(_format(plain, plain), flush=True)
-        rows[model, "fedavg", "plain"] = plain
-        for method in args.methods:
-            for engine in args.engines:
-                row = run_cell(model, method, engine, args.rounds, 0.05)
-                if "round_s" in row:  # against the plain loop measured in the same invocation
-                    row["plain_round_s"], row["over_plain"] = plain["round_s"], row["round_s"] / plain["round_s"]
-                rows[model, method, engine] = row
-                print(_format(row, plain), flush=True)
+        runs: dict[tuple, list[dict]] = {}
+        for rep in range(args.repeat):  # interleaved, so that a slow spell of a shared machine hits every cell alike
+            plain = run_cell(model, "fedavg", "plain", args.rounds, 0.05)
+            print(_format(plain, plain), flush=True)
+            runs.setdefault((model, "fedavg", "plain"), []).append(plain)
+            for method in args.methods:
+                for engine in args.engines:
+                    row = run_cell(model, method, engine, args.rounds, 0.05)
+                    if "round_s" in row:  # against the plain loop measured just before
+                        row["plain_round_s"], row["over_plain"] = plain["round_s"], row["round_s"] / plain["round_s"]
+                    runs.setdefault((model, method, engine), []).append(row)
+                    print(_format(row, plain), flush=True)
+        for key, reps in runs.items():
+            rows[key] = combine(reps)
+        if args.repeat > 1:
+            plain = rows[model, "fedavg", "plain"]
+            print(f"median of {args.repeat} interleaved repeats:")
+            for key, row in runs.items():
+                if key[0] == model:
+                    print(_format(rows[key], plain), flush=True)
     save(rows, memory, args.rounds, cohorts)
     if args.memory or args.memory_only:
         done = {(r["method"], tuple(r.get("extra", ()))): r for r in previous["memory"] if "error" not in r}
@@ -210,6 +225,19 @@ def main() -> None:
     print(f"wrote {RESULTS}")
 
 
+def combine(reps: list[dict]) -> dict:
+    """One cell from its repeats: the median round time and the median of the per-repeat ratios
+    over the plain loop, with every repeat's values kept."""
+    ok = [r for r in reps if "round_s" in r]
+    if not ok:
+        return reps[-1]
+    row = dict(ok[-1], repeats=len(ok), round_s_each=[r["round_s"] for r in ok], round_s=statistics.median(r["round_s"] for r in ok))
+    if "over_plain" in row:
+        row["over_plain_each"] = [r["over_plain"] for r in ok]
+        row["over_plain"] = statistics.median(row["over_plain_each"])
+    return row
+
+
 def save(rows: dict[tuple, dict], memory: list[dict], rounds: int, cohorts: dict[tuple, dict]) -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({
@@ -223,8 +251,9 @@ def _format(row: dict, plain: dict) -> str:
     if "error" in row:
         return f"{row['model']:>5} {row['method']:>10} {row['engine']:>8}  failed: {row['error']}"
     extra = f" | state {row['state_mb_per_client']:.2f} MB/client" if "state_mb_per_client" in row else ""
+    over = row.get("over_plain", row["round_s"] / plain["round_s"])
     return (f"{row['model']:>5} {row['method']:>10} {row['engine']:>8} {row['round_s'] * 1e3:9.1f} ms/round "
-            f"{row['round_s'] / plain['round_s']:6.2f}x plain | RSS {row['rss_mb']:7.0f} MB (worker {row['child_rss_mb']:5.0f}){extra}")
+            f"{over:6.2f}x plain | RSS {row['rss_mb']:7.0f} MB (worker {row['child_rss_mb']:5.0f}){extra}")
 
 
 if __name__ == "__main__":
