@@ -41,6 +41,7 @@ test-slow: setup data
 bench: setup data
 	$(VENV)/bin/python benchmarks/overhead.py
 	$(VENV)/bin/python benchmarks/codecs.py
+	$(VENV)/bin/python benchmarks/pool_messages.py
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -44,6 +44,19 @@ def test_pool_is_bit_identical_to_inline_for_any_worker_count(fast_cfg, tmp_path
         same_run(tmp_path / "inline", tmp_path / f"pool{workers}")
 
 
+def test_pool_carries_failed_clients_replies_as_inline_does(fast_cfg, tmp_path):
+    """A client's exception comes back as an error reply (no content), a lost or corrupted
+    upload as inline reports it: the same rows and model on both engines (at one thread each:
+    a float32 sum's rounding depends on how many threads share it)."""
+    faults = ("simulation.faults=[{kind: crash, clients: [0], rounds: [2]}, {kind: lose, clients: [1], rounds: [2]},"
+              " {kind: corrupt, clients: [2], rounds: [2, 3]}]")
+    extra = ("compressor=topk_bidirectional", "num_rounds=3", "simulation.integrity=hmac", "simulation.client_cpus=1", faults)
+    run_experiment(fast_cfg(*extra), tmp_path / "inline")
+    run_experiment(fast_cfg(*extra, "simulation.backend=pool", "simulation.workers=2"), tmp_path / "pool")
+    same_run(tmp_path / "inline", tmp_path / "pool")
+    assert any("client crash" in f["reason"] for f in rows(tmp_path / "pool")[1]["failed"])
+
+
 def test_assignment_balances_client_work():
     work = [60, 10, 30, 30, 20, 50]
     owner = assign(work, 3)
@@ -233,18 +246,21 @@ def test_cohort_training_failure_costs_the_round_not_the_run(fast_cfg, tmp_path,
 
 def test_pool_sends_a_value_shared_by_several_messages_once():
     from fedcomp.fl.engine import declare_server_task
-    from fedcomp.fl.pool import _deserialise_batch, _serialise_batch
+    from fedcomp.fl.pool import _COUNT, _REF, _deserialise_batch, _serialise_batch
 
     declare_server_task(1)
     big, own = bytes(range(256)) * 1024, b"\x07" * 100_000
     batch = [Message(RecordDict({"down": ConfigRecord({"payload": big, "n": i}), "mine": ConfigRecord({"p": own if i == 0 else b"small"})}),
                      dst_node_id=2 + i, message_type="train") for i in range(3)]
+    mimic = _REF + _COUNT.pack(0)  # a client's bytes that look like a reference stay its own
+    batch[2].content["mine"]["p"] = mimic
     blobs = _serialise_batch(batch)
     assert sum(len(b) for b in blobs) < len(big) + len(own) + 10_000  # big once, not three times
+    assert big in blobs and own in blobs  # large values beside the protobuf, not inside it
     assert batch[1].content["down"]["payload"] is big  # the server's messages are left as they were
     rebuilt = _deserialise_batch(blobs)
     assert [(m.content["down"]["payload"], m.content["down"]["n"], m.content["mine"]["p"]) for m in rebuilt] == \
-        [(big, 0, own), (big, 1, b"small"), (big, 2, b"small")]
+        [(big, 0, own), (big, 1, b"small"), (big, 2, mimic)]
 
 
 @pytest.mark.parametrize("extra", [(), ("compressor=topk_bidirectional", "simulation.fraction=0.75")], ids=["model", "delta"])

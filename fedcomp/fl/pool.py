@@ -9,9 +9,10 @@ by client work (samples trained per round, largest first, to the least-loaded wo
 fixed for the run.
 
 The server's Messages are Flower Messages, serialised as Flower's engines serialise them
-(protobuf) on the way to a worker and back, a large value that several of a worker's messages
-share (the broadcast model, HGC's relay and resync) copied once; a round's messages are sent to every worker at
-once and the replies returned in the order the messages were pushed. A client's work depends
+(protobuf) on the way to a worker and back, except that large bytes values (payloads) travel
+beside the protobuf, and a value several messages share (the broadcast model, HGC's relay and
+resync) once; a round's messages are sent to every worker at once and the replies returned in
+the order the messages were pushed. A client's work depends
 only on its message, its state and its seed, so results are bit-identical to the inline
 engine for any number of workers (tested) when both train at the same thread count.
 A worker that dies costs its clients their replies (error replies), not the run.
@@ -61,8 +62,8 @@ from fedcomp.fl.runtime import get_runtime
 
 log = logging.getLogger("fedcomp")
 _COUNT = struct.Struct("<I")
-_SHARED_MIN = 1 << 16  # bytes values from this size on travel once per batch when several messages carry them
-_REF = b"\x00fedcomp-pool-shared\x00"  # a reference to one of them (the server's messages never hold it)
+_LARGE = 1 << 16  # bytes values from this size on travel beside the protobuf, once per batch
+_REF = b"\x00fedcomp-pool-shared\x00"  # a reference to one of them (no message's own value is one)
 
 
 def available_cores() -> int:
@@ -102,29 +103,32 @@ def _recv(conn: Connection) -> tuple[str, list[bytes]]:
 
 
 def _serialise_batch(batch: list[Message]) -> list[bytes]:
-    """A batch of messages as blobs: a count, then each large bytes value that several of the
-    messages carry (the same object: a broadcast, HGC's relay or resync), once, then the
-    messages with those values replaced by references. What a worker rebuilds is the same
-    Messages; only the copies between processes go."""
+    """A batch of messages as blobs: a count, then each large bytes value the messages carry
+    (payloads; a value several messages share -- a broadcast, HGC's relay or resync -- once),
+    then the messages with those values replaced by references. Protobuf would copy a large
+    value into the message and out again on both sides; beside it the value is copied only
+    into and out of the socket. What the other side rebuilds is the same Messages."""
     places: dict[int, list[tuple]] = {}
     values: dict[int, bytes] = {}
     for msg in batch:
-        for record in msg.content.config_records.values():
+        for record in msg.content.config_records.values() if msg.has_content() else ():
             for key, value in record.items():
-                if isinstance(value, bytes) and len(value) >= _SHARED_MIN:
+                # a small value that looks like a reference travels by reference too, so that no
+                # client's own bytes can be mistaken for one
+                if isinstance(value, bytes) and (len(value) >= _LARGE or value.startswith(_REF)):
                     places.setdefault(id(value), []).append((record, key))
                     values[id(value)] = value
-    shared = [i for i, where in places.items() if len(where) > 1]
-    for n, i in enumerate(shared):
+    large = list(places)
+    for n, i in enumerate(large):
         for record, key in places[i]:
             record[key] = _REF + _COUNT.pack(n)
     try:
         blobs = [message_to_proto(m).SerializeToString() for m in batch]
     finally:
-        for i in shared:
+        for i in large:
             for record, key in places[i]:
                 record[key] = values[i]
-    return [_COUNT.pack(len(shared)), *(values[i] for i in shared), *blobs]
+    return [_COUNT.pack(len(large)), *(values[i] for i in large), *blobs]
 
 
 def _deserialise_batch(blobs: list[bytes]) -> list[Message]:
@@ -134,7 +138,7 @@ def _deserialise_batch(blobs: list[bytes]) -> list[Message]:
     out = []
     for blob in blobs[1 + n :]:
         msg = message_from_proto(ProtoMessage.FromString(blob))
-        for record in msg.content.config_records.values():
+        for record in msg.content.config_records.values() if msg.has_content() else ():
             for key, value in list(record.items()):
                 if isinstance(value, bytes) and len(value) == len(_REF) + _COUNT.size and value.startswith(_REF):
                     record[key] = shared[_COUNT.unpack_from(value, len(_REF))[0]]
@@ -167,9 +171,8 @@ def _worker(conn: Connection) -> None:
             store.close()
             return
         if kind == "train":
-            replies = [message_to_proto(call_client_app(app, msg, contexts[msg.metadata.dst_node_id])).SerializeToString()
-                       for msg in _deserialise_batch(blobs)]
-            _send(conn, "replies", replies)
+            replies = [call_client_app(app, msg, contexts[msg.metadata.dst_node_id]) for msg in _deserialise_batch(blobs)]
+            _send(conn, "replies", _serialise_batch(replies))
         elif kind == "snapshot":
             _send(conn, "states", pack_snapshots({n: client_state(c).snapshot() for n, c in contexts.items()}))
         elif kind == "restore":
@@ -258,9 +261,8 @@ class PoolGrid(LocalGrid):
                     self._dead.add(w)
         for w, batch in by_worker.items():
             kind, blobs = self._receive(w) if w not in self._dead else ("dead", [])
-            if kind == "replies" and len(blobs) == len(batch):
-                replies = [message_from_proto(ProtoMessage.FromString(b)) for b in blobs]
-            else:
+            replies = _deserialise_batch(blobs) if kind == "replies" else []
+            if len(replies) != len(batch):
                 log.error("pool worker %d is gone; its clients' replies are lost", w)
                 replies = [Message(error=Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"worker {w} died"), reply_to=m)
                            for m in batch]
