@@ -189,7 +189,7 @@ def main() -> None:
             save(rows, memory, args.rounds, cohorts)
     for model in [] if args.memory_only or args.cohorts else args.models:
         runs: dict[tuple, list[dict]] = {}
-        for rep in range(args.repeat):  # interleaved, so that a slow spell of a shared machine hits every cell alike
+        for _ in range(args.repeat):  # interleaved, so that a slow spell of a shared machine hits every cell alike
             plain = run_cell(model, "fedavg", "plain", args.rounds, 0.05)
             print(_format(plain, plain), flush=True)
             runs.setdefault((model, "fedavg", "plain"), []).append(plain)
