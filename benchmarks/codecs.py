@@ -10,7 +10,10 @@ to the sparsifiers; quantizers and casts run once per d), on a Gaussian vector:
   comp / dec  milliseconds to compress / decompress (median of --repeat runs)
   topk ms     bare ``torch.topk(x.abs(), k)`` on the same tensor, and the ratio comp / topk
 
-    python benchmarks/codecs.py [--sizes 100000 1000000 11200000] [--repeat 5]
+    python benchmarks/codecs.py [--sizes 100000 1000000 11200000] [--repeat 5] [--error-feedback]
+
+``--error-feedback`` wraps every compressor in error feedback, as clients run it: the times
+then include the residual's update, taken after one warm-up call has made the residual non-zero.
 
 Prints a table and writes benchmarks/results/codecs.json.
 
@@ -170,6 +173,7 @@ def main() -> None:
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.001, 0.01])
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--calibrate", action="store_true", help="fit the codec time table (fedcomp/network/codec_times.json)")
+    ap.add_argument("--error-feedback", action="store_true", help="every compressor wrapped in error feedback")
     args = ap.parse_args()
     if args.calibrate:
         calibrate([s for s in args.sizes if s <= 4_000_000] or args.sizes, sorted(set(args.ratios) | {0.1}), args.repeat)
@@ -189,7 +193,9 @@ def main() -> None:
                 params = {"ratio": ratio} if name in ("topk", "randomk", "stochastic", "sq") else {}
                 if name == "threshold":
                     params = {"v": threshold_v}  # keeps ~1% of a Gaussian vector
-                c = build(name, **params)
+                c = build(name, error_feedback=args.error_feedback, **params)
+                if args.error_feedback:
+                    c.compress(x)  # a non-zero residual, as from the second round on
                 comp_s, payload = timed(lambda: (c.reseed(0), c.compress(x))[1], args.repeat)
                 dec_s, y = timed(lambda: c.decompress(payload), args.repeat)
                 row = {
@@ -204,7 +210,7 @@ def main() -> None:
                       f"{row['size_over_limit']:>7.3f} {row['compress_ms']:>8.1f} {row['decompress_ms']:>8.1f} "
                       f"{row['topk_ms']:>8.1f} {row['compress_over_topk']:>6.2f}", flush=True)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"torch_threads": torch.get_num_threads(), "rows": rows}, indent=2))
+    RESULTS.write_text(json.dumps({"torch_threads": torch.get_num_threads(), "error_feedback": args.error_feedback, "rows": rows}, indent=2))
     print(f"wrote {RESULTS}")
 
 
