@@ -16,13 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.proto.message_pb2 import Message as ProtoMessage
+from overhead import timed
 
 from fedcomp.fl.engine import declare_server_task
 from fedcomp.fl.pool import _deserialise_batch, _serialise_batch
@@ -31,12 +30,8 @@ RESULTS = Path(__file__).parent / "results" / "pool_messages.json"
 
 
 def median_ms(fn, repeat: int):
-    times, out = [], None
-    for _ in range(repeat):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3, out
+    seconds, out = timed(fn, repeat)
+    return seconds * 1e3, out
 
 
 def main() -> None:

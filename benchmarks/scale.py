@@ -205,9 +205,8 @@ def main() -> None:
         if args.repeat > 1:
             plain = rows[model, "fedavg", "plain"]
             print(f"median of {args.repeat} interleaved repeats:")
-            for key, row in runs.items():
-                if key[0] == model:
-                    print(_format(rows[key], plain), flush=True)
+            for key in runs:
+                print(_format(rows[key], plain), flush=True)
     save(rows, memory, args.rounds, cohorts)
     if args.memory or args.memory_only:
         done = {(r["method"], tuple(r.get("extra", ()))): r for r in previous["memory"] if "error" not in r}
