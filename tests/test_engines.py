@@ -9,7 +9,7 @@ import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from fedcomp.fl.engine import run_experiment
-from fedcomp.fl.pool import PoolGrid, assign, client_work
+from fedcomp.fl.pool import PoolGrid, assign, client_work, rebalance
 from fedcomp.fl.runtime import get_runtime
 
 STATEFUL = ("compressor=topk_bidirectional", "num_rounds=3", "train.optimizer_state=persistent", "train.momentum=0.9",
@@ -63,6 +63,46 @@ def test_assignment_balances_client_work():
     loads = [sum(w for w, o in zip(work, owner) if o == k) for k in range(3)]
     assert sorted(loads) == [60, 70, 70]  # LPT: 60+10 | 50+20 | 30+30
     assert assign([5.0], 4) == [0]
+
+
+def test_rebalance_evens_a_rounds_work_and_leaves_dead_workers_clients():
+    owner = dict.fromkeys(range(10), 0) | {10: 1}
+    work = dict.fromkeys(range(11), 60.0)
+    moves = rebalance(range(11), owner, work, live=[0, 1, 2])
+    loads = [sum(work[n] for n in range(11) if moves.get(n, owner[n]) == w) for w in range(3)]
+    assert sorted(loads) == [180, 240, 240]  # 11 equal clients on 3 workers: 4 | 4 | 3
+    assert all(owner[n] == 0 for n in moves)  # only the loaded worker gives clients away
+    assert rebalance(range(11), owner, work, live=[0, 1, 2]) == moves  # deterministic
+    assert rebalance(range(11), owner, work, live=[1, 2]) == {}  # worker 0 is dead: its clients stay
+    assert rebalance([0, 10], owner, work, live=[0, 1]) == {}  # already even
+    # a move happens only while it shortens the round: one 100-sample client cannot be split
+    assert rebalance([0, 10], owner, {0: 100.0, 10: 10.0}, live=[0, 1]) == {}
+
+
+@pytest.mark.parametrize("extra", [
+    ("compressor=topk_bidirectional", "train.optimizer_state=persistent", "train.momentum=0.9"),
+    ("strategy=hgc", "strategy.ratio=0.05", "strategy.bits=2"),
+], ids=["topk-ef-momentum", "hgc"])
+def test_clients_moved_between_workers_take_their_state_exactly(fast_cfg, tmp_path, monkeypatch, extra):
+    """Every client starts on worker 0, so every round moves half the cohort, state and all
+    (error feedback, momentum, replicas, HGC buffers): the run is still the inline run."""
+    from fedcomp.fl import pool
+
+    trained, moved_with_state = set(), []
+
+    def recorded(nodes, *rest):
+        moves = rebalance(nodes, *rest)
+        moved_with_state.extend(n for n in moves if n in trained)
+        trained.update(nodes)
+        return moves
+
+    monkeypatch.setattr(pool, "assign", lambda work, workers: [0] * len(work))
+    monkeypatch.setattr(pool, "rebalance", recorded)
+    extra = (*extra, "simulation.num_clients=10", "simulation.fraction=0.8", "num_rounds=5", "simulation.client_cpus=1")
+    run_experiment(fast_cfg(*extra), tmp_path / "inline")
+    run_experiment(fast_cfg(*extra, "simulation.backend=pool", "simulation.workers=2"), tmp_path / "pool")
+    same_run(tmp_path / "inline", tmp_path / "pool")
+    assert moved_with_state  # clients that had trained before: their state moved
 
 
 def test_pool_checkpoint_resumes_bit_for_bit(fast_cfg, tmp_path):

@@ -88,7 +88,7 @@ def make_client_app(cfg: DictConfig | None = None) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         run_cfg = cfg if cfg is not None else config_from_overrides(str(context.run_config.get("overrides", "")))
-        if run_cfg.simulation.get("faults"):
+        if get_runtime(run_cfg).faults:
             return with_faults(run_cfg, msg, context, lambda m, c: train_on_client(run_cfg, m, c))
         return train_on_client(run_cfg, msg, context)
 

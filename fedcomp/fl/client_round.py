@@ -88,7 +88,7 @@ def train_round(
     correction), so local SGD runs without it."""
     momentum = 0.0 if momentum_taken else float(config[M.MOMENTUM])
     training = {**rt.local_training, "lr": float(config[M.LR]), "momentum": momentum}
-    buffers = (state.get(M.OPT_STATE) or {}) if rt.cfg.train.optimizer_state == "persistent" else None
+    buffers = (state.get(M.OPT_STATE) or {}) if rt.persistent_optimizer else None
     extras = rt.algorithm.decode(down_extras, rt.layout.numel)
     indices = rt.client_indices(partition_id)
     n = len(indices)

@@ -2,20 +2,24 @@
 
 ``simulation.workers`` processes (default: one per core at ``simulation.client_cpus`` threads
 each) are started once per run. Each builds the same ``Runtime`` (data, partition, model) and
-holds the ClientApp and the resident Contexts of the nodes assigned to it, so a client's
-state (error feedback, momentum, replicas, HGC buffers) never leaves its worker and a worker
-trains client after client in one model, as pfl-research's workers do. Assignment is greedy
-by client work (samples trained per round, largest first, to the least-loaded worker) and
-fixed for the run.
+holds the ClientApp and the resident Contexts of the nodes it owns, so a client's state (error
+feedback, momentum, replicas, HGC buffers) stays in its worker between rounds and a worker
+trains client after client in one model, as pfl-research's workers do. Ownership starts greedy
+by client work (samples trained per round, largest first, to the least-loaded worker). A round
+samples a cohort, not the population, so each round is then rebalanced: clients move from the
+most to the least loaded worker while that shortens the round, their state (if any) moving
+with them, exactly, before they train.
 
 The server's Messages are Flower Messages, serialised as Flower's engines serialise them
 (protobuf) on the way to a worker and back, except that large bytes values (payloads) travel
 beside the protobuf, and a value several messages share (the broadcast model, HGC's relay and
-resync) once; a round's messages are sent to every worker at once and the replies returned in
-the order the messages were pushed. A client's work depends
-only on its message, its state and its seed, so results are bit-identical to the inline
-engine for any number of workers (tested) when both train at the same thread count.
-A worker that dies costs its clients their replies (error replies), not the run.
+resync) once. A round's messages are sent to every worker at once, and each worker's replies
+are read as soon as that worker is done (whichever finishes first), then returned in the order
+the messages were pushed.
+A client's work depends only on its message, its state and its seed, so results are
+bit-identical to the inline engine for any number of workers (tested) when both train at the
+same thread count. A worker that dies costs its clients their replies (error replies), not
+the run.
 """
 
 from __future__ import annotations
@@ -33,12 +37,12 @@ import threading
 import time
 import traceback
 from collections.abc import Iterable
-from multiprocessing.connection import Client, Connection, Listener
+from multiprocessing.connection import Client, Connection, Listener, wait
 from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import Error, Message
+from flwr.app import Error, Message, MessageType
 from flwr.common.constant import ErrorCode
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.proto.message_pb2 import Message as ProtoMessage
@@ -87,6 +91,33 @@ def assign(work: list[float], workers: int) -> list[int]:
         owner[i] = w
         heapq.heappush(heap, (load + work[i], w))
     return owner
+
+
+def rebalance(nodes: Iterable[int], owner: dict[int, int], work: dict[int, float], live: Iterable[int]) -> dict[int, int]:
+    """The moves (node -> worker) that even out one round's work: repeatedly the largest client
+    of the most loaded worker that still narrows its gap to the least loaded one moves there.
+    Only nodes of ``live`` workers take part (a dead worker's clients stay, and fail)."""
+    live = sorted(set(live))
+    mine: dict[int, list[int]] = {w: [] for w in live}
+    for n in nodes:
+        if owner[n] in mine:
+            mine[owner[n]].append(n)
+    load = {w: sum(work[n] for n in ns) for w, ns in mine.items()}
+    moves: dict[int, int] = {}
+    while len(live) > 1:
+        heavy = max(live, key=lambda w: (load[w], -w))
+        light = min(live, key=lambda w: (load[w], w))
+        gap = load[heavy] - load[light]
+        fits = [n for n in mine[heavy] if 0 < work[n] < gap]
+        if not fits:
+            return moves
+        n = max(fits, key=lambda n: (work[n], -n))
+        mine[heavy].remove(n)
+        mine[light].append(n)
+        load[heavy] -= work[n]
+        load[light] += work[n]
+        moves[n] = light
+    return moves
 
 
 def _send(conn: Connection, kind: str, blobs: Iterable[bytes] = ()) -> None:
@@ -170,9 +201,20 @@ def _worker(conn: Connection) -> None:
         if kind == "stop":
             store.close()
             return
-        if kind == "train":
+        if kind == "train":  # each reply goes back as soon as it is ready
             replies = [call_client_app(app, msg, contexts[msg.metadata.dst_node_id]) for msg in _deserialise_batch(blobs)]
             _send(conn, "replies", _serialise_batch(replies))
+        elif kind == "release":  # clients moving to another worker: their state goes with them
+            nodes = json.loads(blobs[0])
+            _send(conn, "states", pack_snapshots({n: client_state(contexts[n]).snapshot() for n in nodes}))
+            for n in nodes:
+                client_state(contexts.pop(n)).restore({}, {})  # frees its tensors in the store
+        elif kind == "adopt":
+            snapshots = unpack_snapshots(blobs[1:])
+            for node, pid in json.loads(blobs[0]).items():
+                contexts[int(node)] = resident_context(run_id, int(node), pid, num_nodes, store)
+                client_state(contexts[int(node)]).restore(*snapshots.get(int(node), ({}, {})))
+            _send(conn, "adopted")
         elif kind == "snapshot":
             _send(conn, "states", pack_snapshots({n: client_state(c).snapshot() for n, c in contexts.items()}))
         elif kind == "restore":
@@ -192,6 +234,8 @@ class PoolGrid(LocalGrid):
         self._node_ids = [SERVER_NODE_ID + 1 + i for i in range(num_nodes)]
         owner = assign(work, workers)
         self._owner = {node: owner[i] for i, node in enumerate(self._node_ids)}
+        self._work = dict(zip(self._node_ids, work))
+        self._partition = {node: i for i, node in enumerate(self._node_ids)}
         super().__init__(run_id)
         # Fresh interpreters running this module (not multiprocessing's spawn, which re-imports
         # the caller's main script, nor fork, which can hang after OpenMP threads have run),
@@ -247,11 +291,15 @@ class PoolGrid(LocalGrid):
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)
-        by_worker: dict[int, list[Message]] = {}
         for msg in messages:
             if msg.metadata.dst_node_id not in self._owner:
                 raise ValueError(f"no node {msg.metadata.dst_node_id}")
             self.assign_id(msg)
+        live = [w for w in range(len(self._conns)) if w not in self._dead]
+        trained = [m.metadata.dst_node_id for m in messages if m.metadata.message_type == MessageType.TRAIN]
+        self._move(rebalance(trained, self._owner, self._work, live))
+        by_worker: dict[int, list[Message]] = {}
+        for msg in messages:
             by_worker.setdefault(self._owner[msg.metadata.dst_node_id], []).append(msg)
         for w, batch in by_worker.items():  # every worker starts before any reply is awaited
             if w not in self._dead:
@@ -259,16 +307,49 @@ class PoolGrid(LocalGrid):
                     _send(self._conns[w], "train", _serialise_batch(batch))
                 except (BrokenPipeError, OSError):
                     self._dead.add(w)
-        for w, batch in by_worker.items():
-            kind, blobs = self._receive(w) if w not in self._dead else ("dead", [])
-            replies = _deserialise_batch(blobs) if kind == "replies" else []
-            if len(replies) != len(batch):
-                log.error("pool worker %d is gone; its clients' replies are lost", w)
-                replies = [Message(error=Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"worker {w} died"), reply_to=m)
-                           for m in batch]
-            for msg, reply in zip(batch, replies):
-                self._replies[msg.metadata.message_id] = reply
+        waiting = {w: list(reversed(batch)) for w, batch in by_worker.items()}
+        while any(waiting.values()):
+            busy = {self._conns[w]: w for w, left in waiting.items() if left and w not in self._dead}
+            for conn in wait(list(busy)) if busy else ():
+                w = busy[conn]
+                kind, blobs = self._receive(w)
+                replies = _deserialise_batch(blobs) if kind == "replies" else []
+                if len(replies) != len(waiting[w]):
+                    self._dead.add(w)  # gone, or no longer speaking the protocol
+                for reply in replies if w not in self._dead else ():
+                    self._replies[waiting[w].pop().metadata.message_id] = reply
+            for w, left in waiting.items():
+                if left and w in self._dead:
+                    log.error("pool worker %d is gone; its clients' replies are lost", w)
+                    for m in left:
+                        self._replies[m.metadata.message_id] = Message(
+                            error=Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"worker {w} died"), reply_to=m)
+                    left.clear()
         return [m.metadata.message_id for m in messages]
+
+    def _move(self, moves: dict[int, int]) -> None:
+        """Hand ``moves``' nodes (node -> new worker) over, with their state."""
+        states: dict[int, ClientSnapshot] = {}
+        for w in sorted({self._owner[n] for n in moves}):
+            nodes = sorted(n for n in moves if self._owner[n] == w)
+            try:
+                _send(self._conns[w], "release", [json.dumps(nodes).encode()])
+            except (BrokenPipeError, OSError):
+                self._dead.add(w)
+            kind, blobs = self._receive(w) if w not in self._dead else ("dead", [])
+            if kind != "states":  # the old worker is gone, and its clients' state with it
+                moves = {n: to for n, to in moves.items() if n not in nodes}
+                continue
+            states |= unpack_snapshots(blobs)
+        for w in sorted(set(moves.values())):
+            mine = {n: states[n] for n in moves if moves[n] == w}
+            try:
+                _send(self._conns[w], "adopt", [json.dumps({n: self._partition[n] for n in mine}).encode(), *pack_snapshots(mine)])
+            except (BrokenPipeError, OSError):
+                self._dead.add(w)
+            if w not in self._dead and self._receive(w)[0] != "adopted":
+                raise RuntimeError(f"pool worker {w} could not take over clients {sorted(mine)}")
+            self._owner |= dict.fromkeys(mine, w)  # on a dead worker they fail, as its own clients do
 
     def client_snapshots(self) -> dict[int, ClientSnapshot]:
         out = {}

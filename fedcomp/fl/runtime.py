@@ -78,7 +78,7 @@ class Runtime:
         later clients pay a copy instead of a checksum and a decode. Each caller gets its own
         copy. Under ``network.codec: measured`` every client decodes, since its measured time
         is its simulated decode time."""
-        if self.cfg.network.get("codec") == "measured":
+        if self.decode_each_broadcast:
             return codec.decompress(payload, *expect)
         last = self._last_shared
         if last is None or last[0] is not codec or last[1] != expect or last[2] != payload:
@@ -95,6 +95,21 @@ class Runtime:
         """The client algorithm (``client=...``): plain local SGD unless configured."""
         node = self.cfg.get("client")
         return build_target(node) if node is not None and node.get("_target_") else ClientAlgorithm()
+
+    @cached_property
+    def persistent_optimizer(self) -> bool:
+        """``train.optimizer_state: persistent``: momentum buffers carried across rounds."""
+        return self.cfg.train.optimizer_state == "persistent"
+
+    @cached_property
+    def decode_each_broadcast(self) -> bool:
+        """``network.codec: measured``: every client decodes (see ``decode_shared``)."""
+        return self.cfg.network.get("codec") == "measured"
+
+    @cached_property
+    def faults(self) -> bool:
+        """``simulation.faults`` lists injected failures."""
+        return bool(self.cfg.simulation.get("faults"))
 
     @cached_property
     def seal(self) -> Seal | None:
