@@ -65,34 +65,37 @@ def test_assignment_balances_client_work():
     assert assign([5.0], 4) == [0]
 
 
-def test_rebalance_evens_a_rounds_work_and_leaves_dead_workers_clients():
+def test_rebalance_evens_a_rounds_work_with_the_clients_it_may_move():
     owner = dict.fromkeys(range(10), 0) | {10: 1}
     work = dict.fromkeys(range(11), 60.0)
-    moves = rebalance(range(11), owner, work, live=[0, 1, 2])
+    moves = rebalance(range(11), owner, work, live=[0, 1, 2], movable=range(11))
     loads = [sum(work[n] for n in range(11) if moves.get(n, owner[n]) == w) for w in range(3)]
     assert sorted(loads) == [180, 240, 240]  # 11 equal clients on 3 workers: 4 | 4 | 3
     assert all(owner[n] == 0 for n in moves)  # only the loaded worker gives clients away
-    assert rebalance(range(11), owner, work, live=[0, 1, 2]) == moves  # deterministic
-    assert rebalance(range(11), owner, work, live=[1, 2]) == {}  # worker 0 is dead: its clients stay
-    assert rebalance([0, 10], owner, work, live=[0, 1]) == {}  # already even
+    assert rebalance(range(11), owner, work, live=[0, 1, 2], movable=range(11)) == moves  # deterministic
+    assert set(rebalance(range(11), owner, work, live=[0, 1, 2], movable=[1, 2, 3])) == {1, 2, 3}  # clients with state stay
+    assert rebalance(range(11), owner, work, live=[1, 2], movable=range(11)) == {}  # worker 0 is dead: its clients stay
+    assert rebalance([0, 10], owner, work, live=[0, 1], movable=[0, 10]) == {}  # already even
     # a move happens only while it shortens the round: one 100-sample client cannot be split
-    assert rebalance([0, 10], owner, {0: 100.0, 10: 10.0}, live=[0, 1]) == {}
+    assert rebalance([0, 10], owner, {0: 100.0, 10: 10.0}, live=[0, 1], movable=[0, 10]) == {}
 
 
 @pytest.mark.parametrize("extra", [
     ("compressor=topk_bidirectional", "train.optimizer_state=persistent", "train.momentum=0.9"),
     ("strategy=hgc", "strategy.ratio=0.05", "strategy.bits=2"),
-], ids=["topk-ef-momentum", "hgc"])
-def test_clients_moved_between_workers_take_their_state_exactly(fast_cfg, tmp_path, monkeypatch, extra):
-    """Every client starts on worker 0, so every round moves half the cohort, state and all
-    (error feedback, momentum, replicas, HGC buffers): the run is still the inline run."""
+    ("compressor=none",),
+], ids=["topk-ef-momentum", "hgc", "fedavg"])
+def test_rebalancing_moves_only_clients_without_state_and_changes_nothing(fast_cfg, tmp_path, monkeypatch, extra):
+    """Every client starts on worker 0, so every round moves part of the cohort to worker 1:
+    clients that have not trained yet (FedAvg: every client, it keeps no state). The run is
+    still the inline run."""
     from fedcomp.fl import pool
 
-    trained, moved_with_state = set(), []
+    trained, moved = set(), []
 
-    def recorded(nodes, *rest):
-        moves = rebalance(nodes, *rest)
-        moved_with_state.extend(n for n in moves if n in trained)
+    def recorded(nodes, *rest, movable):
+        moves = rebalance(nodes, *rest, movable=movable)
+        moved.append((set(moves), set(moves) & trained))
         trained.update(nodes)
         return moves
 
@@ -102,7 +105,9 @@ def test_clients_moved_between_workers_take_their_state_exactly(fast_cfg, tmp_pa
     run_experiment(fast_cfg(*extra), tmp_path / "inline")
     run_experiment(fast_cfg(*extra, "simulation.backend=pool", "simulation.workers=2"), tmp_path / "pool")
     same_run(tmp_path / "inline", tmp_path / "pool")
-    assert moved_with_state  # clients that had trained before: their state moved
+    assert sum(len(m) for m, _ in moved) >= 3
+    retrained_moves = sum(len(again) for _, again in moved)
+    assert retrained_moves > 0 if extra[0] == "compressor=none" else retrained_moves == 0
 
 
 def test_pool_checkpoint_resumes_bit_for_bit(fast_cfg, tmp_path):

@@ -72,6 +72,11 @@ class ClientState(ABC):
     def names(self) -> list[str]:
         """The tensor groups held."""
 
+    def is_empty(self) -> bool:
+        """No tensor group and no number held (a client that has not trained, or whose method
+        keeps nothing between rounds)."""
+        return not self.names() and not any(isinstance(rec, ConfigRecord) and "value" in rec for rec in self.records.values())
+
     def snapshot(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, int]]:
         """Every tensor group (as stored) and number (checkpoints)."""
         numbers = {name: int(rec["value"]) for name, rec in self.records.items() if isinstance(rec, ConfigRecord) and "value" in rec}

@@ -6,9 +6,11 @@ holds the ClientApp and the resident Contexts of the nodes it owns, so a client'
 feedback, momentum, replicas, HGC buffers) stays in its worker between rounds and a worker
 trains client after client in one model, as pfl-research's workers do. Ownership starts greedy
 by client work (samples trained per round, largest first, to the least-loaded worker). A round
-samples a cohort, not the population, so each round is then rebalanced: clients move from the
-most to the least loaded worker while that shortens the round, their state (if any) moving
-with them, exactly, before they train.
+samples a cohort, not the population, so each round is then rebalanced: clients that hold no
+state (not trained yet, or a method that keeps none: FedAvg) move from the most to the least
+loaded worker while that shortens the round. Clients with state stay where it is: moving it
+costs more than it saves (HGC's replicas and buffers, shared by a worker's in-sync clients,
+are 6.4 MB per client for the mlp; moving a few took 20-200 ms a round).
 
 The server's Messages are Flower Messages, serialised as Flower's engines serialise them
 (protobuf) on the way to a worker and back, except that large bytes values (payloads) travel
@@ -93,11 +95,12 @@ def assign(work: list[float], workers: int) -> list[int]:
     return owner
 
 
-def rebalance(nodes: Iterable[int], owner: dict[int, int], work: dict[int, float], live: Iterable[int]) -> dict[int, int]:
-    """The moves (node -> worker) that even out one round's work: repeatedly the largest client
-    of the most loaded worker that still narrows its gap to the least loaded one moves there.
-    Only nodes of ``live`` workers take part (a dead worker's clients stay, and fail)."""
-    live = sorted(set(live))
+def rebalance(nodes: Iterable[int], owner: dict[int, int], work: dict[int, float], live: Iterable[int],
+              movable: Iterable[int]) -> dict[int, int]:
+    """The moves (node -> worker) that even out one round's work over the ``live`` workers:
+    repeatedly the largest ``movable`` client of the most loaded worker that still narrows its
+    gap to the least loaded one moves there. A dead worker's clients stay (and fail)."""
+    live, movable = sorted(set(live)), set(movable)
     mine: dict[int, list[int]] = {w: [] for w in live}
     for n in nodes:
         if owner[n] in mine:
@@ -108,7 +111,7 @@ def rebalance(nodes: Iterable[int], owner: dict[int, int], work: dict[int, float
         heavy = max(live, key=lambda w: (load[w], -w))
         light = min(live, key=lambda w: (load[w], w))
         gap = load[heavy] - load[light]
-        fits = [n for n in mine[heavy] if 0 < work[n] < gap]
+        fits = [n for n in mine[heavy] if n in movable and 0 < work[n] < gap]
         if not fits:
             return moves
         n = max(fits, key=lambda n: (work[n], -n))
@@ -201,19 +204,19 @@ def _worker(conn: Connection) -> None:
         if kind == "stop":
             store.close()
             return
-        if kind == "train":  # each reply goes back as soon as it is ready
-            replies = [call_client_app(app, msg, contexts[msg.metadata.dst_node_id]) for msg in _deserialise_batch(blobs)]
-            _send(conn, "replies", _serialise_batch(replies))
-        elif kind == "release":  # clients moving to another worker: their state goes with them
-            nodes = json.loads(blobs[0])
-            _send(conn, "states", pack_snapshots({n: client_state(contexts[n]).snapshot() for n in nodes}))
-            for n in nodes:
-                client_state(contexts.pop(n)).restore({}, {})  # frees its tensors in the store
+        if kind == "train":  # the replies, and which of their clients now hold state
+            batch = _deserialise_batch(blobs)
+            replies = [call_client_app(app, msg, contexts[msg.metadata.dst_node_id]) for msg in batch]
+            holding = [m.metadata.dst_node_id for m in batch if not client_state(contexts[m.metadata.dst_node_id]).is_empty()]
+            _send(conn, "replies", [json.dumps(holding).encode(), *_serialise_batch(replies)])
+        elif kind == "release":  # clients moving to another worker (only stateless ones move)
+            for n in json.loads(blobs[0]):
+                if not client_state(contexts.pop(int(n))).is_empty():
+                    raise RuntimeError(f"asked to release node {n}, which holds state")
+            _send(conn, "released")
         elif kind == "adopt":
-            snapshots = unpack_snapshots(blobs[1:])
             for node, pid in json.loads(blobs[0]).items():
                 contexts[int(node)] = resident_context(run_id, int(node), pid, num_nodes, store)
-                client_state(contexts[int(node)]).restore(*snapshots.get(int(node), ({}, {})))
             _send(conn, "adopted")
         elif kind == "snapshot":
             _send(conn, "states", pack_snapshots({n: client_state(c).snapshot() for n, c in contexts.items()}))
@@ -235,6 +238,7 @@ class PoolGrid(LocalGrid):
         owner = assign(work, workers)
         self._owner = {node: owner[i] for i, node in enumerate(self._node_ids)}
         self._work = dict(zip(self._node_ids, work))
+        self._holding: set[int] = set()  # nodes whose client holds state (as their workers report)
         self._partition = {node: i for i, node in enumerate(self._node_ids)}
         super().__init__(run_id)
         # Fresh interpreters running this module (not multiprocessing's spawn, which re-imports
@@ -297,7 +301,7 @@ class PoolGrid(LocalGrid):
             self.assign_id(msg)
         live = [w for w in range(len(self._conns)) if w not in self._dead]
         trained = [m.metadata.dst_node_id for m in messages if m.metadata.message_type == MessageType.TRAIN]
-        self._move(rebalance(trained, self._owner, self._work, live))
+        self._move(rebalance(trained, self._owner, self._work, live, movable=set(trained) - self._holding))
         by_worker: dict[int, list[Message]] = {}
         for msg in messages:
             by_worker.setdefault(self._owner[msg.metadata.dst_node_id], []).append(msg)
@@ -313,11 +317,16 @@ class PoolGrid(LocalGrid):
             for conn in wait(list(busy)) if busy else ():
                 w = busy[conn]
                 kind, blobs = self._receive(w)
-                replies = _deserialise_batch(blobs) if kind == "replies" else []
+                replies = _deserialise_batch(blobs[1:]) if kind == "replies" else []
                 if len(replies) != len(waiting[w]):
                     self._dead.add(w)  # gone, or no longer speaking the protocol
-                for reply in replies if w not in self._dead else ():
-                    self._replies[waiting[w].pop().metadata.message_id] = reply
+                    continue
+                holding = set(json.loads(blobs[0]))
+                for reply in replies:
+                    msg = waiting[w].pop()
+                    node = msg.metadata.dst_node_id
+                    (self._holding.add if node in holding else self._holding.discard)(node)
+                    self._replies[msg.metadata.message_id] = reply
             for w, left in waiting.items():
                 if left and w in self._dead:
                     log.error("pool worker %d is gone; its clients' replies are lost", w)
@@ -328,28 +337,17 @@ class PoolGrid(LocalGrid):
         return [m.metadata.message_id for m in messages]
 
     def _move(self, moves: dict[int, int]) -> None:
-        """Hand ``moves``' nodes (node -> new worker) over, with their state."""
-        states: dict[int, ClientSnapshot] = {}
-        for w in sorted({self._owner[n] for n in moves}):
-            nodes = sorted(n for n in moves if self._owner[n] == w)
-            try:
-                _send(self._conns[w], "release", [json.dumps(nodes).encode()])
-            except (BrokenPipeError, OSError):
-                self._dead.add(w)
-            kind, blobs = self._receive(w) if w not in self._dead else ("dead", [])
-            if kind != "states":  # the old worker is gone, and its clients' state with it
-                moves = {n: to for n, to in moves.items() if n not in nodes}
-                continue
-            states |= unpack_snapshots(blobs)
-        for w in sorted(set(moves.values())):
-            mine = {n: states[n] for n in moves if moves[n] == w}
-            try:
-                _send(self._conns[w], "adopt", [json.dumps({n: self._partition[n] for n in mine}).encode(), *pack_snapshots(mine)])
-            except (BrokenPipeError, OSError):
-                self._dead.add(w)
-            if w not in self._dead and self._receive(w)[0] != "adopted":
-                raise RuntimeError(f"pool worker {w} could not take over clients {sorted(mine)}")
-            self._owner |= dict.fromkeys(mine, w)  # on a dead worker they fail, as its own clients do
+        """Hand ``moves``' nodes (node -> new worker; clients without state) over."""
+        for kind, done, worker_of in (("release", "released", self._owner.get), ("adopt", "adopted", moves.get)):
+            for w in sorted({worker_of(n) for n in moves}):
+                mine = {n: self._partition[n] for n in sorted(moves) if worker_of(n) == w}
+                try:
+                    _send(self._conns[w], kind, [json.dumps(mine).encode()])
+                except (BrokenPipeError, OSError):
+                    self._dead.add(w)
+                if w not in self._dead and self._receive(w)[0] != done:
+                    raise RuntimeError(f"pool worker {w} could not {kind} clients {sorted(mine)}")
+        self._owner |= moves  # a client on a worker that died meanwhile fails, as that worker's own do
 
     def client_snapshots(self) -> dict[int, ClientSnapshot]:
         out = {}
@@ -367,6 +365,7 @@ class PoolGrid(LocalGrid):
             _send(conn, "restore", pack_snapshots(mine))
             if self._receive(w)[0] != "restored":
                 raise RuntimeError(f"pool worker {w} could not restore its clients' state")
+        self._holding = {n for n, (groups, numbers) in snapshots.items() if groups or numbers}
 
     def close(self) -> None:
         for w, conn in enumerate(self._conns):
