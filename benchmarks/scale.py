@@ -103,7 +103,7 @@ def training_limits(cfg, rounds: int, per_round: int, plain_round_s: float) -> d
     sgemm rate (batching cannot beat the loop by more than their ratio when the loop is
     compute-bound), and the batched engine's vmapped training alone (``train_cohort``, no
     Flower, no compression) over the plain loop, on the same clients and work."""
-    from fedcomp.fl.batched import train_cohort
+    from fedcomp.fl.batched import keep_large_allocations, train_cohort
     from fedcomp.fl.cohort import TrainingRequest
     from fedcomp.fl.local import samples_trained
     from fedcomp.fl.runtime import get_runtime
@@ -116,6 +116,7 @@ def training_limits(cfg, rounds: int, per_round: int, plain_round_s: float) -> d
     samples = statistics.mean(sum(samples_trained(len(rt.client_indices(c)), epochs=t["epochs"], steps=t["steps"],
                                                   batch_size=t["batch_size"]) for c in cohort) for cohort in cohorts)
     flops = rt.training_flops * samples
+    keep_large_allocations()  # as the batched engine runs (measured after the plain loop, which ran without it)
     kernel = [timed(lambda cohort=cohort, r=r: train_cohort(rt, [TrainingRequest(w, rt.client_indices(c), r * 100003 + c, t, None)
                                                                  for c in cohort]), 1)[0]
               for r, cohort in enumerate(cohorts)]

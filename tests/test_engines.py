@@ -265,6 +265,35 @@ def test_cohort_training_returns_detached_parameters(fast_cfg):
     assert all(r.trained is not None and not r.trained.requires_grad for r in requests)
 
 
+def test_cohort_training_equals_the_sequential_loop_with_carried_momentum(fast_cfg):
+    """Parameters re-laid out to their gradients' layout (a vmapped Linear's weight gradient
+    comes transposed; the first cohort finds it, the second stacks in it) give the loop's
+    parameters and momentum buffers, the buffers handed back in the standard layout."""
+    import torch
+
+    from fedcomp.fl.batched import train_cohort
+    from fedcomp.fl.cohort import TrainingRequest
+    from fedcomp.fl.local import train_local
+    from fedcomp.fl.runtime import get_runtime
+
+    rt = get_runtime(fast_cfg("train.momentum=0.9", "train.weight_decay=0.001"))
+    w = rt.layout.flatten(rt.new_model())
+    training = rt.local_training
+    held = {name: torch.randn_like(p) for name, p in rt.model.named_parameters()}
+    for _ in range(2):
+        requests = [TrainingRequest(w, rt.client_indices(c), c, training, {n: b.clone() for n, b in held.items()}) for c in range(3)]
+        train_cohort(rt, requests)
+    for c, request in enumerate(requests):
+        buffers = {n: b.clone() for n, b in held.items()}
+        rt.layout.load(rt.model, w)
+        train_local(rt.model, rt.train.x, rt.train.y, rt.client_indices(c), generator=torch.Generator().manual_seed(c),
+                    momentum_buffers=buffers, **training)
+        torch.testing.assert_close(request.trained, rt.layout.flatten(rt.model), rtol=1e-5, atol=1e-6)
+        for name, buf in buffers.items():
+            assert request.buffers[name].is_contiguous()
+            torch.testing.assert_close(request.buffers[name], buf, rtol=1e-5, atol=1e-6)
+
+
 def test_batched_refuses_models_it_cannot_train_alike():
     from torch import nn
 
