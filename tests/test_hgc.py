@@ -292,6 +292,22 @@ def test_in_sync_clients_share_one_copy_of_each_version(fast_cfg):
     assert torch.equal(strategy._global, unshared._global)
 
 
+def test_clients_resyncing_to_a_version_share_one_decode_whatever_they_held(fast_cfg, monkeypatch):
+    """With partial participation most of a round's clients are stale, each from its own
+    version; a full resync does not depend on what they held, so it is decoded once per version
+    (and the run equals one where no synchronisation is shared)."""
+    import fedcomp.fl.hgc_client as hgc_client
+
+    decode, decoded = hgc_client.decode_sync, []
+    monkeypatch.setattr(hgc_client, "decode_sync", lambda payload, d=None: decoded.append(payload) or decode(payload, d))
+    extra = ("simulation.num_clients=12", "simulation.fraction=0.5", "strategy.bits=2")
+    strategy, _ = run_hgc(fast_cfg, 8, *extra)
+    assert 2 <= len(decoded) == len({id(p) for p in decoded}) <= 8
+    monkeypatch.setattr(hgc_client._SHARED, "get", lambda record, held: None)
+    unshared, _ = run_hgc(fast_cfg, 8, *extra)
+    assert torch.equal(strategy._global, unshared._global)
+
+
 def test_mask_cost_is_counted_once_up_and_relayed_down(fast_cfg):
     strategy, _ = run_hgc(fast_cfg, 3)
     mask_bytes = max(s.mask_bytes for s in strategy._sent.values())  # the last round's relayed mask

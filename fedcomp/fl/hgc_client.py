@@ -89,6 +89,15 @@ class SharedSync:
 _SHARED = SharedSync()
 
 
+def sync_key(rec: ConfigRecord, state: ClientState) -> tuple:
+    """What ``synchronise``'s result depends on besides the held tensors: the record's inputs
+    and, for a relay, the version the client holds. A full resync replaces everything the client
+    held, so every client resyncing to a version shares one decode whatever it held before (with
+    partial participation most of a round's clients are stale, each from its own version)."""
+    held = state.number(M.REPLICA_VERSION) if rec[M.KIND] != M.FULL else None
+    return (held, *sorted((k, v) for k, v in rec.items() if k not in _ROUND_FIELDS))
+
+
 def held_tensors(rec: ConfigRecord, state: ClientState) -> tuple:
     """The client-held tensors ``synchronise`` reads: the dense ones, then the predictor's
     scales and the mask (none for a full resync)."""
@@ -147,7 +156,7 @@ def hgc_round(rt: Runtime, msg: Message, state: ClientState, partition_id: int, 
     segments = settings.segments(rt.layout.sizes)
     predictor = settings.predictor()
     start = time.perf_counter()
-    key = (state.number(M.REPLICA_VERSION), *sorted((k, v) for k, v in rec.items() if k not in _ROUND_FIELDS))
+    key = sync_key(rec, state)
     held = held_tensors(rec, state)
     if (shared := _SHARED.get(key, held)) is not None:
         w, velocity, buffers = shared

@@ -259,9 +259,9 @@ def decode_sync(payload: bytes, d: int | None = None) -> tuple[torch.Tensor, dic
     if not all(np.isfinite(scale)) or min(scale) <= 0:
         raise PayloadError("bad HGC predictor scales")
     w = torch.from_numpy(np.frombuffer(body, "<f4", d, head).astype(np.float32))
-    buffers = {name: torch.zeros(d, dtype=torch.float64) for name in SYNC_BUFFERS}
-    for i, name in enumerate(present):
-        buffers[name] = torch.from_numpy(np.frombuffer(body, "<f8", d, head + 4 * d + 8 * d * i).astype(np.float64))
+    offsets = {name: head + 4 * d + 8 * d * i for i, name in enumerate(present)}
+    buffers = {name: torch.from_numpy(np.frombuffer(body, "<f8", d, offsets[name]).astype(np.float64)) if name in offsets
+               else torch.zeros(d, dtype=torch.float64) for name in SYNC_BUFFERS}
     buffers["scale"] = torch.tensor(scale, dtype=torch.float64)
     return w, buffers
 
