@@ -16,6 +16,10 @@ training 6 steps of batch 10 every round, N clients, FedAvg and HGC, inline; the
 client-round should stay flat (HGC's relay and prediction are computed once per round, not
 once per client).
 
+``--clients N`` samples the 50 clients a round from N instead of 1000, each training 6 steps a
+round: with N = 200 and 16 rounds most rounds meet clients that return after missing rounds
+(with 1000 and 6 rounds nearly every client is new), the steady state of a long run.
+
 ``--repeat N`` runs every cell N times, interleaved (plain, then each method and engine, N
 times over), and reports the median round time and the median of the ratios over the plain
 loop run just before each; on a shared machine single cells move by tens of percent.
@@ -85,10 +89,11 @@ def cell(model: str, method: str, engine: str, rounds: int, fraction: float, ext
 
     cfg = compose_config(overrides(model, method, engine, rounds, fraction, tuple(extra), clients))
     out: dict = {"model": model, "method": method, "engine": engine, "threads": torch.get_num_threads(), "extra": list(extra)}
+    out["clients"] = clients
     if engine == "plain":
-        per_round = plain_loop(cfg, rounds, per_round=round(fraction * 1000))
+        per_round = plain_loop(cfg, rounds, per_round=round(fraction * clients))
         out["round_s"] = statistics.median(per_round[1:-1])
-        out.update(training_limits(cfg, rounds, round(fraction * 1000), out["round_s"]))
+        out.update(training_limits(cfg, rounds, round(fraction * clients), out["round_s"]))
     elif engine in ("inline", "batched"):
         out.update(_in_process(cfg, engine))
     else:
@@ -170,6 +175,8 @@ def main() -> None:
     ap.add_argument("--memory-only", action="store_true", help="only the memory cells (with --update: those not in the results file yet)")
     ap.add_argument("--update", action="store_true", help="keep the results file's other cells, replace the ones run now")
     ap.add_argument("--cohorts", type=int, nargs="*", default=[], metavar="N", help="only: per-client cost at N clients per round (mlp)")
+    ap.add_argument("--clients", type=int, default=1000, metavar="N",
+                    help="clients in the federation, 50 sampled a round (not 1000: every client trains 6 steps a round, the work of a 60-sample shard)")
     ap.add_argument("--cell", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.cell:
@@ -177,7 +184,8 @@ def main() -> None:
         return
     assert args.rounds >= 3, "need rounds 2..R-1"
     previous = json.loads(RESULTS.read_text()) if args.update and RESULTS.is_file() else {"rows": [], "memory": []}
-    rows: dict[tuple, dict] = {(r["model"], r["method"], r["engine"]): r for r in previous["rows"]}
+    rows: dict[tuple, dict] = {(r["model"], r["method"], r["engine"], r.get("clients", 1000)): r for r in previous["rows"]}
+    federation = (50 / args.clients, () if args.clients == 1000 else COHORT_STEPS, args.clients)  # fraction, extra overrides, clients
     cohorts: dict[tuple, dict] = {(r["method"], r["clients"]): r for r in previous.get("cohorts", [])}
     memory: list[dict] = previous["memory"]  # replaced below only when the memory cells run
     for n in args.cohorts:
@@ -191,20 +199,20 @@ def main() -> None:
     for model in [] if args.memory_only or args.cohorts else args.models:
         runs: dict[tuple, list[dict]] = {}
         for _ in range(args.repeat):  # interleaved, so that a slow spell of a shared machine hits every cell alike
-            plain = run_cell(model, "fedavg", "plain", args.rounds, 0.05)
+            plain = run_cell(model, "fedavg", "plain", args.rounds, *federation)
             print(_format(plain, plain), flush=True)
-            runs.setdefault((model, "fedavg", "plain"), []).append(plain)
+            runs.setdefault((model, "fedavg", "plain", args.clients), []).append(plain)
             for method in args.methods:
                 for engine in args.engines:
-                    row = run_cell(model, method, engine, args.rounds, 0.05)
+                    row = run_cell(model, method, engine, args.rounds, *federation)
                     if "round_s" in row:  # against the plain loop measured just before
                         row["plain_round_s"], row["over_plain"] = plain["round_s"], row["round_s"] / plain["round_s"]
-                    runs.setdefault((model, method, engine), []).append(row)
+                    runs.setdefault((model, method, engine, args.clients), []).append(row)
                     print(_format(row, plain), flush=True)
         for key, reps in runs.items():
             rows[key] = combine(reps)
         if args.repeat > 1:
-            plain = rows[model, "fedavg", "plain"]
+            plain = rows[model, "fedavg", "plain", args.clients]
             print(f"median of {args.repeat} interleaved repeats:")
             for key in runs:
                 print(_format(rows[key], plain), flush=True)
@@ -219,7 +227,7 @@ def main() -> None:
             print(f"memory: cnn4 {method} {' '.join(extra)} 1000 clients all training: peak RSS {row.get('rss_mb', float('nan')) / 1024:.2f} GB, "
                   f"state {row.get('state_gb', float('nan')):.2f} GB ({row.get('state_mb_per_client', float('nan')):.2f} MB/client) {row.get('error', '')}", flush=True)
     for model in [] if args.memory_only or args.cohorts else args.models:
-        p = rows[model, "fedavg", "plain"]
+        p = rows[model, "fedavg", "plain", args.clients]
         print(f"{model}: plain loop {p['plain_gflops']:.1f} GFLOP/s = {100 * p['plain_of_sgemm']:.0f}% of sgemm ({p['sgemm_gflops']:.1f} GFLOP/s); "
               f"vmapped training alone {p['vmapped_training_over_plain']:.2f}x the plain loop")
     print(f"wrote {RESULTS}")
@@ -252,7 +260,8 @@ def _format(row: dict, plain: dict) -> str:
         return f"{row['model']:>5} {row['method']:>10} {row['engine']:>8}  failed: {row['error']}"
     extra = f" | state {row['state_mb_per_client']:.2f} MB/client" if "state_mb_per_client" in row else ""
     over = row.get("over_plain", row["round_s"] / plain["round_s"])
-    return (f"{row['model']:>5} {row['method']:>10} {row['engine']:>8} {row['round_s'] * 1e3:9.1f} ms/round "
+    clients = f" ({row['clients']} clients)" if row.get("clients", 1000) != 1000 else ""
+    return (f"{row['model']:>5} {row['method']:>10} {row['engine']:>8}{clients} {row['round_s'] * 1e3:9.1f} ms/round "
             f"{over:6.2f}x plain | RSS {row['rss_mb']:7.0f} MB (worker {row['child_rss_mb']:5.0f}){extra}")
 
 
