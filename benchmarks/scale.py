@@ -88,8 +88,7 @@ def cell(model: str, method: str, engine: str, rounds: int, fraction: float, ext
     from fedcomp.config import compose_config
 
     cfg = compose_config(overrides(model, method, engine, rounds, fraction, tuple(extra), clients))
-    out: dict = {"model": model, "method": method, "engine": engine, "threads": torch.get_num_threads(), "extra": list(extra)}
-    out["clients"] = clients
+    out: dict = {"model": model, "method": method, "engine": engine, "clients": clients, "threads": torch.get_num_threads(), "extra": list(extra)}
     if engine == "plain":
         per_round = plain_loop(cfg, rounds, per_round=round(fraction * clients))
         out["round_s"] = statistics.median(per_round[1:-1])

@@ -157,8 +157,7 @@ _GRADIENT_STRIDES: dict[tuple[str, tuple[int, ...]], tuple[int, ...]] = {}
 
 def _stacked(name: str, chunks: tuple[torch.Tensor, ...], shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """The clients' flat chunks of one parameter stacked on a leading axis, in the layout its
-    gradient is known to come in (never as one clients x d tensor: allocations above glibc's
-    32 MB mmap limit are fresh pages every time)."""
+    gradient is known to come in."""
     size = (len(chunks), *shape)
     strides = _GRADIENT_STRIDES.get((name, size))
     out = torch.empty(size, dtype=chunks[0].dtype, device=device) if strides is None else \
