@@ -78,10 +78,12 @@ def keep_large_allocations() -> None:
     again at every step: ~40 ms per 320 MB on the 2-core machine; cnn4's vmapped round took 2.1 s
     with this against 2.6 s without. The price: the process keeps its peak memory until it exits.
     A no-op where the C library has no ``mallopt``."""
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
-    if mallopt is not None:
-        mallopt(_M_MMAP_MAX, 0)
-        mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError, TypeError):  # not glibc: macOS, musl, Windows
+        return
+    mallopt(_M_MMAP_MAX, 0)
+    mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
 
 
 def train_cohort(rt: Runtime, requests: list[TrainingRequest]) -> None:
