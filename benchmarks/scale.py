@@ -24,12 +24,17 @@ round: with N = 200 and 16 rounds most rounds meet clients that return after mis
 times over), and reports the median round time and the median of the ratios over the plain
 loop run just before each; on a shared machine single cells move by tens of percent.
 
+``--device cuda`` runs every cell with ``train.device=cuda``: the plain loop, training and
+compression on the GPU (pool workers share it); the limits are then the GPU's float32 rate.
+``--out FILE`` writes the results there instead of benchmarks/results/scale.json.
+
 ``--memory`` adds the 1000-client memory cells (``--memory-only``: just those); ``--update``
 keeps the cells of the results file that are not run again. Memory cells: every client
 trains every round (fraction 1) for two rounds, cnn4, inline, HGC and top-k + EF as they are,
 with bf16 error feedback and with a state memory budget; the issue's target is 8 GB RSS.
 
     python benchmarks/scale.py [--models mlp cnn4] [--engines inline pool batched] [--rounds 6] [--repeat 3] [--memory] [--cohorts 100 300 1000]
+                               [--device cuda] [--out FILE]
 
 Prints a table and writes benchmarks/results/scale.json.
 """
@@ -37,6 +42,7 @@ Prints a table and writes benchmarks/results/scale.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -68,9 +74,9 @@ METHODS = {
 
 
 def overrides(model: str, method: str, engine: str, rounds: int, fraction: float = 0.05, extra: tuple[str, ...] = (),
-              clients: int = 1000) -> list[str]:
+              clients: int = 1000, device: str = "cpu") -> list[str]:
     return [
-        "dataset=fmnist", "partition=iid", f"model={model}", f"simulation.num_clients={clients}", f"simulation.fraction={fraction}",
+        "dataset=fmnist", f"train.device={device}", "partition=iid", f"model={model}", f"simulation.num_clients={clients}", f"simulation.fraction={fraction}",
         f"num_rounds={rounds}", "train.epochs=1", "train.steps=null", "train.batch_size=10", "train.lr=0.05",
         f"eval_every={10**6}", "progress=false", f"simulation.backend={'inline' if engine == 'plain' else engine}",
         *([] if engine == "plain" else METHODS[method]), *extra,
@@ -83,12 +89,14 @@ def peak_rss_mb() -> tuple[float, float]:
     return own, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
 
-def cell(model: str, method: str, engine: str, rounds: int, fraction: float, extra: tuple[str, ...] = (), clients: int = 1000) -> dict:
+def cell(model: str, method: str, engine: str, rounds: int, fraction: float, extra: tuple[str, ...] = (), clients: int = 1000,
+         device: str = "cpu") -> dict:
     """One measurement, in this (fresh) process."""
     from fedcomp.config import compose_config
 
-    cfg = compose_config(overrides(model, method, engine, rounds, fraction, tuple(extra), clients))
-    out: dict = {"model": model, "method": method, "engine": engine, "clients": clients, "threads": torch.get_num_threads(), "extra": list(extra)}
+    cfg = compose_config(overrides(model, method, engine, rounds, fraction, tuple(extra), clients, device))
+    out: dict = {"model": model, "method": method, "engine": engine, "clients": clients, "device": device,
+                 "threads": torch.get_num_threads(), "extra": list(extra)}
     if engine == "plain":
         per_round = plain_loop(cfg, rounds, per_round=round(fraction * clients))
         out["round_s"] = statistics.median(per_round[1:-1])
@@ -122,9 +130,9 @@ def training_limits(cfg, rounds: int, per_round: int, plain_round_s: float) -> d
     flops = rt.training_flops * samples
     keep_large_allocations()  # as the batched engine runs (measured after the plain loop, which ran without it)
     kernel = [timed(lambda cohort=cohort, r=r: train_cohort(rt, [TrainingRequest(w, rt.client_indices(c), r * 100003 + c, t, None)
-                                                                 for c in cohort]), 1)[0]
+                                                                 for c in cohort]), 1, rt.device)[0]
               for r, cohort in enumerate(cohorts)]
-    peak = sgemm_gflops()
+    peak = sgemm_gflops(device=rt.device)
     plain = flops / plain_round_s / 1e9
     return {"training_gflop_per_round": flops / 1e9, "plain_gflops": plain, "sgemm_gflops": peak, "plain_of_sgemm": plain / peak,
             "vmapped_training_s": statistics.median(kernel[1:]), "vmapped_training_over_plain": statistics.median(kernel[1:]) / plain_round_s}
@@ -176,15 +184,20 @@ def main() -> None:
     ap.add_argument("--cohorts", type=int, nargs="*", default=[], metavar="N", help="only: per-client cost at N clients per round (mlp)")
     ap.add_argument("--clients", type=int, default=1000, metavar="N",
                     help="clients in the federation, 50 sampled a round (not 1000: every client trains 6 steps a round, the work of a 60-sample shard)")
+    ap.add_argument("--device", default="cpu", help="train.device of every cell (cuda: the plain loop, training and compression on the GPU)")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="results file (default benchmarks/results/scale.json)")
     ap.add_argument("--cell", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.cell:
         print(json.dumps(cell(*json.loads(args.cell))))
         return
     assert args.rounds >= 3, "need rounds 2..R-1"
-    previous = json.loads(RESULTS.read_text()) if args.update and RESULTS.is_file() else {"rows": [], "memory": []}
-    rows: dict[tuple, dict] = {(r["model"], r["method"], r["engine"], r.get("clients", 1000)): r for r in previous["rows"]}
-    federation = (50 / args.clients, () if args.clients == 1000 else COHORT_STEPS, args.clients)  # fraction, extra overrides, clients
+    previous = json.loads(args.out.read_text()) if args.update and args.out.is_file() else {"rows": [], "memory": []}
+    rows: dict[tuple, dict] = {(r["model"], r["method"], r["engine"], r.get("clients", 1000), r.get("device", "cpu")): r for r in previous["rows"]}
+    # fraction, extra overrides, clients, device
+    federation = (50 / args.clients, () if args.clients == 1000 else COHORT_STEPS, args.clients, args.device)
+    where = (args.clients, args.device)
+    save = functools.partial(write_results, args.out)
     cohorts: dict[tuple, dict] = {(r["method"], r["clients"]): r for r in previous.get("cohorts", [])}
     memory: list[dict] = previous["memory"]  # replaced below only when the memory cells run
     for n in args.cohorts:
@@ -200,21 +213,22 @@ def main() -> None:
         for _ in range(args.repeat):  # interleaved, so that a slow spell of a shared machine hits every cell alike
             plain = run_cell(model, "fedavg", "plain", args.rounds, *federation)
             print(_format(plain, plain), flush=True)
-            runs.setdefault((model, "fedavg", "plain", args.clients), []).append(plain)
+            runs.setdefault((model, "fedavg", "plain", *where), []).append(plain)
             for method in args.methods:
                 for engine in args.engines:
                     row = run_cell(model, method, engine, args.rounds, *federation)
                     if "round_s" in row:  # against the plain loop measured just before
                         row["plain_round_s"], row["over_plain"] = plain["round_s"], row["round_s"] / plain["round_s"]
-                    runs.setdefault((model, method, engine, args.clients), []).append(row)
+                    runs.setdefault((model, method, engine, *where), []).append(row)
                     print(_format(row, plain), flush=True)
         for key, reps in runs.items():
             rows[key] = combine(reps)
         if args.repeat > 1:
-            plain = rows[model, "fedavg", "plain", args.clients]
+            plain = rows[model, "fedavg", "plain", *where]
             print(f"median of {args.repeat} interleaved repeats:")
             for key in runs:
                 print(_format(rows[key], plain), flush=True)
+        save(rows, memory, args.rounds, cohorts)  # each model's cells, as soon as they are done
     save(rows, memory, args.rounds, cohorts)
     if args.memory or args.memory_only:
         done = {(r["method"], tuple(r.get("extra", ()))): r for r in previous["memory"] if "error" not in r}
@@ -226,10 +240,10 @@ def main() -> None:
             print(f"memory: cnn4 {method} {' '.join(extra)} 1000 clients all training: peak RSS {row.get('rss_mb', float('nan')) / 1024:.2f} GB, "
                   f"state {row.get('state_gb', float('nan')):.2f} GB ({row.get('state_mb_per_client', float('nan')):.2f} MB/client) {row.get('error', '')}", flush=True)
     for model in [] if args.memory_only or args.cohorts else args.models:
-        p = rows[model, "fedavg", "plain", args.clients]
+        p = rows[model, "fedavg", "plain", *where]
         print(f"{model}: plain loop {p['plain_gflops']:.1f} GFLOP/s = {100 * p['plain_of_sgemm']:.0f}% of sgemm ({p['sgemm_gflops']:.1f} GFLOP/s); "
               f"vmapped training alone {p['vmapped_training_over_plain']:.2f}x the plain loop")
-    print(f"wrote {RESULTS}")
+    print(f"wrote {args.out}")
 
 
 def combine(reps: list[dict]) -> dict:
@@ -245,11 +259,12 @@ def combine(reps: list[dict]) -> dict:
     return row
 
 
-def save(rows: dict[tuple, dict], memory: list[dict], rounds: int, cohorts: dict[tuple, dict]) -> None:
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({
+def write_results(path: Path, rows: dict[tuple, dict], memory: list[dict], rounds: int, cohorts: dict[tuple, dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({
         "setting": "FashionMNIST, 1000 clients x 60 (IID), 50 per round, batch 10, 1 local epoch, lr 0.05",
         "rounds": rounds, "machine": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "rows": list(rows.values()), "memory": memory, "cohorts": list(cohorts.values()),
     }, indent=2))
 
@@ -260,6 +275,7 @@ def _format(row: dict, plain: dict) -> str:
     extra = f" | state {row['state_mb_per_client']:.2f} MB/client" if "state_mb_per_client" in row else ""
     over = row.get("over_plain", row["round_s"] / plain["round_s"])
     clients = f" ({row['clients']} clients)" if row.get("clients", 1000) != 1000 else ""
+    clients += f" [{row['device']}]" if row.get("device", "cpu") != "cpu" else ""
     return (f"{row['model']:>5} {row['method']:>10} {row['engine']:>8}{clients} {row['round_s'] * 1e3:9.1f} ms/round "
             f"{over:6.2f}x plain | RSS {row['rss_mb']:7.0f} MB (worker {row['child_rss_mb']:5.0f}){extra}")
 

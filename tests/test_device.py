@@ -84,3 +84,29 @@ def test_the_uplink_compressor_sees_the_update_on_the_training_device(fast_cfg, 
     monkeypatch.setattr(Recipe, "compress", lambda self, x: seen.append(x.device.type) or original(self, x))
     run_experiment(fast_cfg("train.device=cuda", "compressor=topk", "compressor.up.error_feedback=true"), tmp_path)
     assert seen and set(seen) == {"cuda"}
+
+
+@cuda
+@pytest.mark.parametrize("bits", [1, 3])
+def test_hgc_uplink_on_cuda_gives_the_cpu_payload(bits):
+    """HGC's error feedback, the owner's top-k and the residual on the device: an owner round,
+    then member rounds on its mask, with the predictor fed between rounds, give the CPU path's
+    payloads, masks and memory bit for bit; the memory stays on the device."""
+    from fedcomp.fl.hgc_client import encode_update
+    from fedcomp.hgc.settings import HGCSettings
+
+    settings = HGCSettings(bits=bits, scope="layerwise")
+    segments = settings.segments([6_000, 4_000])
+    predictor = settings.predictor()
+    gen = torch.Generator().manual_seed(0)
+    memory, shared = {"cpu": None, "cuda": None}, None
+    for _ in range(3):
+        update = torch.randn(10_000, generator=gen)
+        (payload, mask, held), (on_gpu, gpu_mask, gpu_held) = (
+            encode_update(update.to(device), memory[device], shared, 0.01, settings, segments, predictor) for device in ("cpu", "cuda"))
+        assert on_gpu == payload and torch.equal(gpu_mask, mask) and gpu_mask.device.type == "cpu"
+        assert gpu_held.device.type == "cuda" and torch.equal(gpu_held.cpu(), held)
+        memory, shared = {"cpu": held, "cuda": gpu_held.cpu()}, mask
+        g = torch.zeros(10_000, dtype=torch.float64)
+        g[mask] = torch.randn(len(mask), generator=gen, dtype=torch.float64)
+        predictor.observe(g, mask)

@@ -12,6 +12,7 @@ from fedcomp.fl.engine import run_experiment
 from fedcomp.fl.pool import PoolGrid, assign, client_work, rebalance
 from fedcomp.fl.runtime import get_runtime
 
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 STATEFUL = ("compressor=topk_bidirectional", "num_rounds=3", "train.optimizer_state=persistent", "train.momentum=0.9",
             "simulation.fraction=0.75", "simulation.client_cpus=1")
 
@@ -252,6 +253,22 @@ def test_batched_matches_inline(fast_cfg, tmp_path, extra):
     close_runs(tmp_path / "inline", tmp_path / "batched")
 
 
+@cuda
+@pytest.mark.parametrize("extra", [
+    STATEFUL,
+    ("strategy=hgc", "strategy.ratio=0.05", "strategy.bits=2", "num_rounds=3", "simulation.fraction=0.75", "simulation.client_cpus=1"),
+], ids=["topk-ef-momentum", "hgc"])
+def test_engines_agree_on_cuda(fast_cfg, tmp_path, extra):
+    """train.device=cuda: two pool workers sharing the device give the inline run bit for bit;
+    the batched cohort gives its bytes, and its answers to float tolerance."""
+    on_gpu = (*extra, "train.device=cuda")
+    run_experiment(fast_cfg(*on_gpu), tmp_path / "inline")
+    run_experiment(fast_cfg(*on_gpu, "simulation.backend=pool", "simulation.workers=2"), tmp_path / "pool")
+    same_run(tmp_path / "inline", tmp_path / "pool")
+    run_experiment(fast_cfg(*on_gpu, "simulation.backend=batched"), tmp_path / "batched")
+    close_runs(tmp_path / "inline", tmp_path / "batched")
+
+
 def test_cohort_training_returns_detached_parameters(fast_cfg):
     """The trained parameters carry no autograd history into compression and the wire."""
     from fedcomp.fl.batched import train_cohort
@@ -292,6 +309,20 @@ def test_cohort_training_equals_the_sequential_loop_with_carried_momentum(fast_c
         for name, buf in buffers.items():
             assert request.buffers[name].is_contiguous()
             torch.testing.assert_close(request.buffers[name], buf, rtol=1e-5, atol=1e-6)
+
+
+def test_batched_client_rounds_take_turns_on_the_engines_thread(fast_cfg, tmp_path, monkeypatch):
+    """Every client round runs on the thread that runs the engine (in greenlets), so PyTorch's
+    OpenMP pool stays one team, as on the inline engine."""
+    import threading
+
+    import fedcomp.fl.batched as batched
+
+    threads = set()
+    original = batched.call_client_app
+    monkeypatch.setattr(batched, "call_client_app", lambda *a: threads.add(threading.get_ident()) or original(*a))
+    run_experiment(fast_cfg("simulation.backend=batched"), tmp_path)
+    assert threads == {threading.get_ident()}
 
 
 def test_batched_refuses_models_it_cannot_train_alike():

@@ -97,7 +97,8 @@ class TrainConfig:
     lr_gamma: float = 0.1
     eval_batch_size: int = 256
     # Where local training and evaluation run: cpu, cuda (cuda:N) or auto (cuda when available).
-    # Compression and the wire always work on CPU copies of the update.
+    # Compression selects and keeps its error feedback there too; only the values and indices
+    # it chose come to the CPU to be coded.
     device: str = "cpu"
 
     def __post_init__(self) -> None:

@@ -2,7 +2,7 @@
 vmapped computation.
 
 ``BatchedGrid`` delivers a round's Messages to the same ClientApp as the inline engine, each
-client's round in a thread of its own and only one thread running at a time (so the order of
+client's round in a greenlet of its own and only one running at a time (so the order of
 everything a client does is the inline engine's). A client's round parks at local training
 (``fedcomp.fl.cohort``); when all have parked, ``train_cohort`` trains them together, and the
 rounds resume one by one to compress and reply. Payloads therefore go through the same
@@ -26,13 +26,13 @@ train sequentially inside the same round.
 from __future__ import annotations
 
 import ctypes
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from flwr.app import Message
+from greenlet import greenlet
 from omegaconf import DictConfig
 from torch import nn
 from torch.func import functional_call, vmap
@@ -209,50 +209,42 @@ class BatchedGrid(InlineGrid):
 
 
 class _Turns:
-    """Runs jobs in threads strictly one at a time: each job runs until it finishes or parks a
-    training request; once all have, ``train`` serves the parked requests and the parked jobs
-    resume in order."""
+    """Runs jobs one at a time, each in a greenlet of its own on the calling thread: each job runs
+    until it finishes or parks a training request; once all have, ``train`` serves the parked
+    requests and the parked jobs resume in order.
 
-    def __init__(self) -> None:
-        self._yielded = threading.Semaphore(0)
-        self._parked: list[tuple[threading.Semaphore, TrainingRequest]] = []
-        self._failure: Exception | None = None
+    Greenlets rather than threads: everything then runs on one OS thread, so PyTorch's OpenMP
+    pool is the run's own one team, as on the inline engine. A thread per client gave every
+    client thread a team of its own (libgomp keeps one per calling thread), and the many idle
+    teams' spinning cost the mlp round ~30% (measured in benchmarks/scale.py)."""
 
     def run(self, jobs: list, train) -> list[Message]:
         results: list[Message | None] = [None] * len(jobs)
-        threads = []
-        for i, job in enumerate(jobs):
-            thread = threading.Thread(target=self._job, args=(i, job, results), daemon=True)
-            threads.append(thread)
-            thread.start()
-            self._yielded.acquire()  # it parked or finished: the next one may start
-        parked, self._parked = self._parked, []
-        if parked:
-            try:
-                train([request for _, request in parked])
-            except Exception as exc:  # noqa: BLE001 -- the cohort's clients fail their round, not the run
-                self._failure = exc
-        for resume, _ in parked:
-            resume.release()
-            self._yielded.acquire()
-        for thread in threads:
-            thread.join()
+        parked: list[tuple[greenlet, TrainingRequest]] = []
+        set_parking(self._park)
+        try:
+            for i, job in enumerate(jobs):
+                turn = greenlet(lambda i=i, job=job: results.__setitem__(i, job()))
+                request = turn.switch()  # back here when it parks (with its request) or finishes (None)
+                if not turn.dead:
+                    parked.append((turn, request))
+            failure = None
+            if parked:
+                try:
+                    train([request for _, request in parked])
+                except Exception as exc:  # noqa: BLE001 -- the cohort's clients fail their round, not the run
+                    failure = exc
+            for turn, _ in parked:
+                turn.switch(failure)
+        finally:
+            set_parking(None)
         return results
 
-    def _job(self, i: int, job, results: list) -> None:
-        def park(request: TrainingRequest) -> None:
-            resume = threading.Semaphore(0)
-            self._parked.append((resume, request))
-            self._yielded.release()
-            resume.acquire()
-            if self._failure is not None:
-                raise RuntimeError(f"cohort training failed: {self._failure}") from self._failure
-
-        set_parking(park)
-        try:
-            results[i] = job()
-        finally:
-            self._yielded.release()
+    @staticmethod
+    def _park(request: TrainingRequest) -> None:
+        failure = greenlet.getcurrent().parent.switch(request)
+        if failure is not None:
+            raise RuntimeError(f"cohort training failed: {failure}") from failure
 
 
 def run_batched(cfg: DictConfig, out_dir: str | Path, run_id: int = 1, resume: bool = False) -> dict[str, Any]:

@@ -2,10 +2,10 @@
 
 ``local_training`` is the one call a client round makes to train. Normally it trains the
 process's scratch model in place. The batched engine (``fedcomp.fl.batched``) runs each
-client's round in a thread of its own, one thread at a time, with a *parking* function set for
-that thread: the round then hands its training request over and waits, and once every client
-of the round has done so the engine trains all of them as one computation and resumes them
-one by one. Everything before and after training (decoding, state, compression) is the same
+client's round in a greenlet of its own, one at a time, with a *parking* function set for the
+thread they run on: the round then hands its training request over and waits, and once every
+client of the round has done so the engine trains all of them as one computation and resumes
+them one by one. Everything before and after training (decoding, state, compression) is the same
 ClientApp code on every engine.
 """
 

@@ -148,6 +148,31 @@ def masked_momentum(buffers: dict[str, torch.Tensor], layout: StateLayout, mask:
     return out
 
 
+def encode_update(update: torch.Tensor, memory: torch.Tensor | None, shared_mask: torch.Tensor | None, ratio: float,
+                  settings: HGCSettings, segments: Segments, predictor: Predictor) -> tuple[bytes, torch.Tensor, torch.Tensor]:
+    """The client's uplink (Fig. 1): error feedback, the mask (the round's shared one, or this
+    client's top-k as the round's owner), Eq. 3 levels and the XOR residue against the Eq. 4
+    prediction. Returns (payload, mask on the CPU, new error-feedback memory on the update's
+    device).
+
+    Error feedback, the top-k and the residual run where ``update`` lives (the training device);
+    only the k chosen values and indices move to the CPU to be quantized, predicted and coded.
+    Eq. 3's level means are float64 sums in one fixed order there, and every device-side step is
+    one IEEE float32 operation per coordinate, so the payload is the CPU path's byte for byte."""
+    x = update + (memory.to(update.device) if memory is not None else 0)
+    on_device = segments.select(x, ratio) if shared_mask is None else shared_mask.to(x.device)
+    mask = on_device.cpu()
+    cuts = segments.cuts(mask)
+    symbols, levels = quantize_segments(x[on_device].cpu(), cuts, settings.bits)
+    memory = x.clone()
+    memory[on_device] -= dequantize_segments(symbols, levels, cuts).to(x.device)
+    if settings.predictive:
+        symbols = xor_residue(symbols, predictor.predicted_symbols(mask, settings.bits, cuts))
+    mask_blob = encode_indices(mask.numpy(), segments.numel) if shared_mask is None else None
+    entry = Entry.coded(settings.bits, levels, symbols, settings.predictive, mask_blob, settings.deflate)
+    return encode_uplink(entry, segments.numel), mask, memory
+
+
 def hgc_round(rt: Runtime, msg: Message, state: ClientState, partition_id: int, seed: int) -> Message:
     rec, config = msg.content[M.HGC], msg.content[M.CONFIG]
     if rt.seal is not None:  # the server tags the payload and the relayed mask together
@@ -166,22 +191,12 @@ def hgc_round(rt: Runtime, msg: Message, state: ClientState, partition_id: int, 
         w, velocity = synchronise(rec, state, predictor, segments)
         _SHARED.put(key, held, (w, velocity, predictor.state()))
     decode_s = time.perf_counter() - start
-    d = w.numel()
 
     result = train_round(rt, w, state, partition_id, seed, config, msg.content.get(M.EXTRA))
     start = time.perf_counter()
-    memory = state.tensor(M.UP_STATE, "residual")
-    x = result.update.cpu() + (memory if memory is not None else 0)  # HGC's client side runs on the CPU
-    phase = rec["phase"]
-    mask = torch.from_numpy(decode_indices(rec["mask"], d)) if phase == "member" else segments.select(x, float(rec["ratio"]))
-    cuts = segments.cuts(mask)
-    symbols, levels = quantize_segments(x[mask], cuts, settings.bits)
-    memory = x.clone()
-    memory[mask] -= dequantize_segments(symbols, levels, cuts)
-    if settings.predictive:
-        symbols = xor_residue(symbols, predictor.predicted_symbols(mask, settings.bits, cuts))
-    mask_blob = encode_indices(mask.numpy(), d) if phase != "member" else None
-    payload = encode_uplink(Entry.coded(settings.bits, levels, symbols, settings.predictive, mask_blob, settings.deflate), d)
+    shared_mask = torch.from_numpy(decode_indices(rec["mask"], segments.numel)) if rec["phase"] == "member" else None
+    payload, mask, memory = encode_update(result.update, state.tensor(M.UP_STATE, "residual"), shared_mask, float(rec["ratio"]),
+                                          settings, segments, predictor)
     encode_s = time.perf_counter() - start
 
     if settings.momentum_masking and (buffers := state.get(M.OPT_STATE)):

@@ -59,15 +59,15 @@ class Segments:
 
     def select(self, x: torch.Tensor, ratio: float) -> torch.Tensor:
         """The mask: every coordinate of dense segments, the top-k of |x| (k = ratio x size)
-        of the others; sorted int64 indices."""
+        of the others; sorted int64 indices, on ``x``'s device."""
         parts = []
         for (lo, hi), dense in zip(zip(self.bounds, self.bounds[1:]), self.dense):
             k = hi - lo if dense else budget(hi - lo, ratio, None)
             if k == hi - lo:
-                parts.append(torch.arange(lo, hi))
+                parts.append(torch.arange(lo, hi, device=x.device))
             elif k:
                 parts.append(top_k_indices(x[lo:hi].abs(), k) + lo)
-        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64, device=x.device)
 
     def cuts(self, mask: torch.Tensor) -> np.ndarray:
         """Positions in the (sorted) mask where each segment's entries start, plus the end."""
