@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 
 import torch
@@ -66,7 +67,7 @@ def all_finite(x: torch.Tensor) -> bool:
     if not x.is_floating_point() or x.numel() == 0:
         return True
     low, high = torch.aminmax(x)
-    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
+    return math.isfinite(low.item()) and math.isfinite(high.item())  # Python floats: no 0-d tensor ops
 
 
 def check_finite(x: torch.Tensor) -> None:

@@ -19,8 +19,9 @@ come in (transposed for a Linear's weight), and the engine's process keeps freed
 reuse (``keep_large_allocations``): on CPU both were worth 2x on cnn4's vmapped training.
 
 Supported: models without buffers or randomness in training (no batch norm, no dropout:
-``check_model``); client algorithms with a gradient hook (FedProx, SCAFFOLD) and HGC rounds
-train sequentially inside the same round.
+``check_model``); client algorithms with a gradient hook (FedProx, SCAFFOLD) train
+sequentially inside the same round. An HGC round is two cohorts: the mask owner alone, then
+the members on its mask.
 """
 
 from __future__ import annotations

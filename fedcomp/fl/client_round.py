@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 from fedcomp.compression import Compressor
 from fedcomp.fl import messages as M
+from fedcomp.fl.algorithms import ClientAlgorithm
 from fedcomp.fl.client_state import ClientState
 from fedcomp.fl.cohort import TrainingRequest, local_training
 from fedcomp.fl.local import local_steps, mean_gradient_sq_norm, samples_trained
@@ -98,10 +99,13 @@ def train_round(
     if buffers is not None:
         state.put(M.OPT_STATE, buffers)
     update = result.trained - w.to(result.trained.device)
-    host = update.cpu()  # metrics and client-algorithm state on the CPU, as on a CPU run; the compressor takes ``update``
     samples = samples_trained(n, epochs=training["epochs"], steps=training["steps"], batch_size=training["batch_size"])
+    # The update stays on the training device for the compressor; a client algorithm that keeps
+    # state from it (SCAFFOLD's c_i, in the CPU state store) gets a CPU copy.
+    reads_update = type(rt.algorithm).client_extras is not ClientAlgorithm.client_extras
+    host = update.cpu() if reads_update else update
     up_extras = rt.algorithm.encode(rt.algorithm.client_extras(host, state, extras, steps, training["lr"]))
-    return LocalResult(update, result.loss, result.compute_s, n, samples, mean_gradient_sq_norm(host, n, training), up_extras)
+    return LocalResult(update, result.loss, result.compute_s, n, samples, mean_gradient_sq_norm(update, n, training), up_extras)
 
 
 def client_seed(cfg: DictConfig, config: ConfigRecord, partition_id: int) -> int:
