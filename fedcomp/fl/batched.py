@@ -216,8 +216,9 @@ class _Turns:
 
     Greenlets rather than threads: everything then runs on one OS thread, so PyTorch's OpenMP
     pool is the run's own one team, as on the inline engine. A thread per client gave every
-    client thread a team of its own (libgomp keeps one per calling thread), and the many idle
-    teams' spinning cost the mlp round ~30% (measured in benchmarks/scale.py)."""
+    client thread a team of its own (libgomp keeps one per calling thread), and with the many
+    idle teams libgomp cut its spinning: the mlp's batched round took 1.3-1.9x as long
+    (``benchmarks/scale.py``, README "Benchmarks")."""
 
     def run(self, jobs: list, train) -> list[Message]:
         results: list[Message | None] = [None] * len(jobs)
