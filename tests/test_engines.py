@@ -325,6 +325,20 @@ def test_batched_client_rounds_take_turns_on_the_engines_thread(fast_cfg, tmp_pa
     assert threads == {threading.get_ident()}
 
 
+def test_batched_carries_failed_clients_replies_as_inline_does(fast_cfg, tmp_path):
+    """A client that raises before it trains, a lost and a corrupted upload, while the others'
+    rounds wait for the cohort: the same failures, bytes and answers as inline."""
+    faults = ("simulation.faults=[{kind: crash, clients: [0], rounds: [2]}, {kind: lose, clients: [1], rounds: [2]},"
+              " {kind: corrupt, clients: [2], rounds: [2, 3]}]")
+    extra = ("compressor=topk_bidirectional", "num_rounds=3", "simulation.integrity=hmac", faults)
+    run_experiment(fast_cfg(*extra), tmp_path / "inline")
+    run_experiment(fast_cfg(*extra, "simulation.backend=batched"), tmp_path / "batched")
+    close_runs(tmp_path / "inline", tmp_path / "batched")
+    failed = [row["failed"] for row in rows(tmp_path / "batched")]
+    assert failed == [row["failed"] for row in rows(tmp_path / "inline")]
+    assert any("client crash" in f["reason"] for f in failed[1])
+
+
 def test_batched_refuses_models_it_cannot_train_alike():
     from torch import nn
 
