@@ -202,7 +202,7 @@ def main() -> None:
     memory: list[dict] = previous["memory"]  # replaced below only when the memory cells run
     for n in args.cohorts:
         for method in ("fedavg", "hgc"):
-            row = run_cell("mlp", method, "inline", args.rounds, 1.0, COHORT_STEPS, n)
+            row = run_cell("mlp", method, "inline", args.rounds, 1.0, COHORT_STEPS, n, args.device)
             row["clients"] = n
             cohorts[method, n] = row
             print(f"cohort: mlp {method:>6} {n:5d} clients: {row.get('round_s', float('nan')) / n * 1e3:6.2f} ms per client-round "
@@ -231,10 +231,10 @@ def main() -> None:
         save(rows, memory, args.rounds, cohorts)  # each model's cells, as soon as they are done
     save(rows, memory, args.rounds, cohorts)
     if args.memory or args.memory_only:
-        done = {(r["method"], tuple(r.get("extra", ()))): r for r in previous["memory"] if "error" not in r}
+        done = {(r["method"], tuple(r.get("extra", ())), r.get("device", "cpu")): r for r in previous["memory"] if "error" not in r}
         memory = []
         for method, extra in MEMORY_CELLS:
-            row = done.get((method, extra)) or run_cell("cnn4", method, "inline", 2, 1.0, extra)
+            row = done.get((method, extra, args.device)) or run_cell("cnn4", method, "inline", 2, 1.0, extra, 1000, args.device)
             memory.append(row)
             save(rows, memory, args.rounds, cohorts)  # each cell takes minutes: keep what is done
             print(f"memory: cnn4 {method} {' '.join(extra)} 1000 clients all training: peak RSS {row.get('rss_mb', float('nan')) / 1024:.2f} GB, "

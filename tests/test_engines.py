@@ -13,6 +13,11 @@ from fedcomp.fl.pool import PoolGrid, assign, client_work, rebalance
 from fedcomp.fl.runtime import get_runtime
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+HGC_ONE_THREAD = ("strategy=hgc", "strategy.ratio=0.05", "strategy.bits=2", "num_rounds=3", "simulation.fraction=0.75",
+                  "simulation.client_cpus=1")
+# A client that raises instead of training, a lost upload and a corrupted one (rounds 2-3).
+FAULTS = ("simulation.faults=[{kind: crash, clients: [0], rounds: [2]}, {kind: lose, clients: [1], rounds: [2]},"
+          " {kind: corrupt, clients: [2], rounds: [2, 3]}]")
 STATEFUL = ("compressor=topk_bidirectional", "num_rounds=3", "train.optimizer_state=persistent", "train.momentum=0.9",
             "simulation.fraction=0.75", "simulation.client_cpus=1")
 
@@ -36,7 +41,7 @@ def same_run(a, b) -> None:
 
 @pytest.mark.parametrize("extra", [
     STATEFUL,
-    ("strategy=hgc", "strategy.ratio=0.05", "strategy.bits=2", "num_rounds=3", "simulation.fraction=0.75", "simulation.client_cpus=1"),
+    HGC_ONE_THREAD,
 ], ids=["topk-ef-momentum", "hgc"])
 def test_pool_is_bit_identical_to_inline_for_any_worker_count(fast_cfg, tmp_path, extra):
     run_experiment(fast_cfg(*extra), tmp_path / "inline")
@@ -49,9 +54,7 @@ def test_pool_carries_failed_clients_replies_as_inline_does(fast_cfg, tmp_path):
     """A client's exception comes back as an error reply (no content), a lost or corrupted
     upload as inline reports it: the same rows and model on both engines (at one thread each:
     a float32 sum's rounding depends on how many threads share it)."""
-    faults = ("simulation.faults=[{kind: crash, clients: [0], rounds: [2]}, {kind: lose, clients: [1], rounds: [2]},"
-              " {kind: corrupt, clients: [2], rounds: [2, 3]}]")
-    extra = ("compressor=topk_bidirectional", "num_rounds=3", "simulation.integrity=hmac", "simulation.client_cpus=1", faults)
+    extra = ("compressor=topk_bidirectional", "num_rounds=3", "simulation.integrity=hmac", "simulation.client_cpus=1", FAULTS)
     run_experiment(fast_cfg(*extra), tmp_path / "inline")
     run_experiment(fast_cfg(*extra, "simulation.backend=pool", "simulation.workers=2"), tmp_path / "pool")
     same_run(tmp_path / "inline", tmp_path / "pool")
@@ -256,7 +259,7 @@ def test_batched_matches_inline(fast_cfg, tmp_path, extra):
 @cuda
 @pytest.mark.parametrize("extra", [
     STATEFUL,
-    ("strategy=hgc", "strategy.ratio=0.05", "strategy.bits=2", "num_rounds=3", "simulation.fraction=0.75", "simulation.client_cpus=1"),
+    HGC_ONE_THREAD,
 ], ids=["topk-ef-momentum", "hgc"])
 def test_engines_agree_on_cuda(fast_cfg, tmp_path, extra):
     """train.device=cuda: two pool workers sharing the device give the inline run bit for bit;
@@ -328,9 +331,7 @@ def test_batched_client_rounds_take_turns_on_the_engines_thread(fast_cfg, tmp_pa
 def test_batched_carries_failed_clients_replies_as_inline_does(fast_cfg, tmp_path):
     """A client that raises before it trains, a lost and a corrupted upload, while the others'
     rounds wait for the cohort: the same failures, bytes and answers as inline."""
-    faults = ("simulation.faults=[{kind: crash, clients: [0], rounds: [2]}, {kind: lose, clients: [1], rounds: [2]},"
-              " {kind: corrupt, clients: [2], rounds: [2, 3]}]")
-    extra = ("compressor=topk_bidirectional", "num_rounds=3", "simulation.integrity=hmac", faults)
+    extra = ("compressor=topk_bidirectional", "num_rounds=3", "simulation.integrity=hmac", FAULTS)
     run_experiment(fast_cfg(*extra), tmp_path / "inline")
     run_experiment(fast_cfg(*extra, "simulation.backend=batched"), tmp_path / "batched")
     close_runs(tmp_path / "inline", tmp_path / "batched")
