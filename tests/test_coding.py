@@ -73,6 +73,17 @@ def test_encoder_rejects_bad_indices(idx, d, msg):
         encode_indices(np.array(idx), d)
 
 
+@settings(max_examples=300, deadline=None)
+@given(gaps=st.one_of(st.lists(st.integers(0, 2**40), min_size=1, max_size=60), st.lists(st.integers(0, 3), min_size=1, max_size=60),
+                      st.lists(st.sampled_from([0, 0, 0, 1, 500, 2**20]), min_size=1, max_size=60)))
+def test_rice_parameter_is_the_smallest_size_minimiser(gaps):
+    """The walk from the geometric estimate finds the exhaustive search's b (lowest on ties)."""
+    from fedcomp.coding import index_code_bits, rice_parameter
+
+    g = np.array(gaps, dtype=np.int64)
+    assert rice_parameter(g) == min(range(int(g.max()).bit_length() + 1), key=lambda b: index_code_bits(g, b))
+
+
 @pytest.mark.parametrize("d, k", [(10**6, 10**3), (10**6, 10**4)])
 def test_index_size_near_information_limit(d, k):
     limit_bits = (gammaln(d + 1) - gammaln(k + 1) - gammaln(d - k + 1)) / np.log(2)

@@ -45,11 +45,28 @@ def index_code_bits(gaps: np.ndarray, b: int) -> int:
 
 
 def rice_parameter(gaps: np.ndarray) -> int:
-    """The b minimising the coded size of ``gaps`` (exact search; 0 for no gaps)."""
+    """The b minimising the coded size of ``gaps`` (the lowest such b; 0 for no gaps).
+
+    The size f(b) = sum(g >> b) + k (1 + b) is convex in b: f(b + 1) - f(b) = k - sum(ceil(q / 2))
+    with q = g >> b, and every ceil(q / 2) shrinks as b grows. So the minimum is the first b
+    whose step up does not pay, found by walking from the geometric estimate log2(mean gap)
+    instead of sizing every b up to the largest gap's bit length (a third of a client's index
+    coding at k = 1590 in d = 159k)."""
     if gaps.size == 0:
         return 0
     top = int(gaps.max()).bit_length()
-    return min(range(top + 1), key=lambda b: index_code_bits(gaps, b))
+
+    def rises(b: int) -> bool:  # f(b + 1) >= f(b)
+        return b >= top or index_code_bits(gaps, b + 1) >= index_code_bits(gaps, b)
+
+    b = min(top, max(0, int(gaps.mean()).bit_length() - 1))
+    if rises(b):
+        while b > 0 and rises(b - 1):
+            b -= 1
+    else:
+        while not rises(b):
+            b += 1
+    return b
 
 
 def encode_indices(indices: np.ndarray, d: int) -> bytes:

@@ -46,7 +46,9 @@ def top_k_indices(a: torch.Tensor, k: int) -> torch.Tensor:
     about 64 d / k entries gives a threshold a little below the k-th largest; one comparison
     over ``a`` then keeps about 1.25 k candidates, which hold every entry >= the k-th largest
     whenever there are at least k of them (checked; otherwise every entry is a candidate), and
-    the exact choice is made among those."""
+    the exact choice is made among those. On the CPU the same steps run in numpy: a client's
+    selection is a dozen small operations, and each torch call costs several times numpy's
+    (at d = 159k in a run: 380 us against 150 us)."""
     d = a.numel()
     if k >= d:
         return torch.arange(d, device=a.device)
@@ -56,15 +58,40 @@ def top_k_indices(a: torch.Tensor, k: int) -> torch.Tensor:
     # propagates NaN and is a tenth of the cost of isnan(a).any() on the CPU.
     if bool(torch.isnan(a.amax())):
         return torch.topk(a, k, sorted=False).indices.sort().values
-    sample = a[:: max(1, d // max(1024, math.ceil(64 * d / k)))]
-    j = min(sample.numel(), math.ceil(1.25 * k * sample.numel() / d) + 16)
-    candidates = at_least(a, torch.topk(sample, j, sorted=False).values.min())
+    if a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64):
+        return torch.from_numpy(_top_k_numpy(a.detach().numpy(), k))
+    return _top_k_torch(a, k)
+
+
+def _sample_step(d: int, k: int) -> tuple[int, int]:
+    """The strided sample's step, and how many of its largest entries bound the threshold."""
+    step = max(1, d // max(1024, math.ceil(64 * d / k)))
+    n = -(-d // step)
+    return step, min(n, math.ceil(1.25 * k * n / d) + 16)
+
+
+def _top_k_torch(a: torch.Tensor, k: int) -> torch.Tensor:
+    step, j = _sample_step(a.numel(), k)
+    candidates = at_least(a, torch.topk(a[::step], j, sorted=False).values.min())
     if candidates.numel() < k:
-        candidates = torch.arange(d, device=a.device)
+        candidates = torch.arange(a.numel(), device=a.device)
     values = a[candidates]
     kth = torch.topk(values, k, sorted=False).values.min()
     above, tied = values > kth, values == kth
     return candidates[above | (tied & (torch.cumsum(tied, 0) <= k - int(above.sum())))]
+
+
+def _top_k_numpy(a: np.ndarray, k: int) -> np.ndarray:
+    """``_top_k_torch``'s steps in numpy: the j-th largest of the sample by partition, not topk."""
+    step, j = _sample_step(a.size, k)
+    sample = a[::step]
+    candidates = np.flatnonzero(a >= np.partition(sample, sample.size - j)[sample.size - j])
+    if candidates.size < k:
+        candidates = np.arange(a.size)
+    values = a[candidates]
+    kth = np.partition(values, values.size - k)[values.size - k]
+    above, tied = values > kth, values == kth
+    return candidates[above | (tied & (np.cumsum(tied) <= k - np.count_nonzero(above)))]
 
 
 class TopK:
