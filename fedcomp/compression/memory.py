@@ -22,9 +22,10 @@ class ErrorFeedback(Compressor):
 
     def compress(self, x: torch.Tensor) -> bytes:
         flat = x.detach().reshape(-1).float()
-        if self.residual.numel() != flat.numel():
-            self.residual = torch.zeros_like(flat)
-        corrected = flat + self.residual.to(flat.device)
+        if self.residual.numel() == flat.numel():
+            corrected = flat + self.residual.to(flat.device)
+        else:  # e_0 = 0, added as a scalar (as a zero vector would be: -0.0 becomes +0.0) without a d-sized zero vector
+            corrected = flat + 0.0
         payload = self.inner.compress(corrected.reshape(x.shape).to(x.dtype))
         # In place: ``corrected`` is this call's own tensor, and a fresh d-sized buffer per client
         # and round costs page faults as well as the copy. A sparse D(p) is zero off its indices,

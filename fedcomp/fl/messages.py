@@ -51,10 +51,11 @@ def overhead_bytes(content: RecordDict) -> int:
     grow with the payload and are not included).
 
     Serialised once per *size signature* and then looked up: every message of a round has the
-    same keys and value types, and freeing a protobuf message makes Python's protobuf (upb)
-    call glibc's ``malloc_trim(0)``, which hands all the process's free heap pages back to the
-    kernel -- each client's next tensors were then faulted in afresh (about 150 page faults per
-    0.64 MB tensor, ~1.5 us each on the 2-core VM)."""
+    same keys and value types, and Python's protobuf (upb) calls glibc's ``malloc_trim(0)`` once
+    in every 10,000 arena blocks it frees, which hands all the process's free heap pages back to
+    the kernel; the tensors allocated next are faulted in afresh. Serialising every reply, the
+    batched mlp round's cohort training took 111-305 ms in rounds with a trim (12k-57k page
+    faults) against 84 ms without."""
     key = _signature(content)
     if key is None:  # an ArrayRecord: its size depends on its arrays' bytes
         return _proto_size(content)
