@@ -47,8 +47,8 @@ def top_k_indices(a: torch.Tensor, k: int) -> torch.Tensor:
     over ``a`` then keeps about 1.25 k candidates, which hold every entry >= the k-th largest
     whenever there are at least k of them (checked; otherwise every entry is a candidate), and
     the exact choice is made among those. On the CPU the same steps run in numpy: a client's
-    selection is a dozen small operations, and each torch call costs several times numpy's
-    (at d = 159k in a run: 380 us against 150 us)."""
+    selection is a dozen small operations, and a torch call costs more than numpy's (at
+    d = 159k, k = 1590: 113 us against 160 us, the NaN check included)."""
     d = a.numel()
     if k >= d:
         return torch.arange(d, device=a.device)
