@@ -65,6 +65,7 @@ def test_message_overhead_is_protobufs_size_and_looked_up_by_shape(config, metri
 
     first = content(config, metrics)
     assert M.overhead_bytes(first) == protobuf_size(first)
+
     # The same shape: every positive int replaced by another of its bit length, every float by
     # another float, every payload by other bytes (they are left empty either way).
     def same_shape(v, top):
@@ -79,6 +80,7 @@ def test_message_overhead_is_protobufs_size_and_looked_up_by_shape(config, metri
         if isinstance(v, list):
             return [same_shape(e, False) for e in v]
         return v
+
     second = content({k: same_shape(v, True) for k, v in config.items()}, {k: same_shape(v, False) for k, v in metrics.items()})
     calls = []
     real = M.recorddict_to_proto

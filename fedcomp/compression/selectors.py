@@ -27,15 +27,6 @@ def budget(d: int, ratio: float | None, k: int | None) -> int:
     return min(d, max(1 if ratio > 0 and d else 0, int(round(ratio * d))))
 
 
-def at_least(a: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """Ascending indices of the entries of the flat vector ``a`` that are >= ``threshold`` (an
-    entry of ``a``, so comparing in either library is exact). On the CPU numpy's comparison and
-    flatnonzero take a quarter of torch's ``nonzero(a >= t)`` (measured at d = 1.66M)."""
-    if a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64):
-        return torch.from_numpy(np.flatnonzero(a.detach().numpy() >= threshold.item()))
-    return torch.nonzero(a >= threshold).reshape(-1)
-
-
 def top_k_indices(a: torch.Tensor, k: int) -> torch.Tensor:
     """Ascending indices of the ``k`` largest entries of the flat vector ``a``; entries equal to
     the k-th largest go to the lowest indices, so the choice never depends on torch's (device-
@@ -46,9 +37,10 @@ def top_k_indices(a: torch.Tensor, k: int) -> torch.Tensor:
     about 64 d / k entries gives a threshold a little below the k-th largest; one comparison
     over ``a`` then keeps about 1.25 k candidates, which hold every entry >= the k-th largest
     whenever there are at least k of them (checked; otherwise every entry is a candidate), and
-    the exact choice is made among those. On the CPU the same steps run in numpy: a client's
-    selection is a dozen small operations, and a torch call costs more than numpy's (at
-    d = 159k, k = 1590: 113 us against 160 us, the NaN check included)."""
+    the exact choice is made among those. On the CPU (float32/64) the same steps run in numpy:
+    a client's selection is a dozen small operations, and a torch call costs more than numpy's
+    (at d = 159k, k = 1590: 113 us against 160 us, the NaN check included; numpy's comparison
+    and flatnonzero alone take a quarter of torch's ``nonzero(a >= t)`` at d = 1.66M)."""
     d = a.numel()
     if k >= d:
         return torch.arange(d, device=a.device)
@@ -72,7 +64,7 @@ def _sample_step(d: int, k: int) -> tuple[int, int]:
 
 def _top_k_torch(a: torch.Tensor, k: int) -> torch.Tensor:
     step, j = _sample_step(a.numel(), k)
-    candidates = at_least(a, torch.topk(a[::step], j, sorted=False).values.min())
+    candidates = torch.nonzero(a >= torch.topk(a[::step], j, sorted=False).values.min()).reshape(-1)
     if candidates.numel() < k:
         candidates = torch.arange(a.numel(), device=a.device)
     values = a[candidates]

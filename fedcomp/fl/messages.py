@@ -44,6 +44,9 @@ HGC = "fedcomp.hgc"  # ConfigRecord: the round's HGC instructions and downlink
 HGC_STATE = "fedcomp.hgc.state"  # client tensors: u, v, velocity, mask (EF memory is in UP_STATE)
 
 
+_SIZES: dict[tuple, int] = {}  # overhead_bytes's sizes by signature
+
+
 def overhead_bytes(content: RecordDict) -> int:
     """Serialised size (Flower's protobuf) of a message's content with every bytes value --
     payloads, masks, tags, counted as payload -- left empty: the config, metrics and framing
@@ -54,9 +57,8 @@ def overhead_bytes(content: RecordDict) -> int:
     same keys and value types, and Python's protobuf (upb) calls glibc's ``malloc_trim(0)`` once
     in every 10,000 arena blocks it frees (about once per 450 serialisations of a reply's
     records), which hands all the process's free heap pages back to the kernel; the tensors
-    allocated next are faulted in afresh. Serialising every reply, the
-    batched mlp round's cohort training took 111-305 ms in rounds with a trim (12k-57k page
-    faults) against 84 ms without."""
+    allocated next are faulted in afresh. Serialising every reply, the batched mlp round's
+    cohort training took 111-305 ms in rounds with a trim (12k-57k page faults) against 84 ms."""
     key = _signature(content)
     if key is None:  # an ArrayRecord: its size depends on its arrays' bytes
         return _proto_size(content)
@@ -66,9 +68,6 @@ def overhead_bytes(content: RecordDict) -> int:
             _SIZES.clear()
         size = _SIZES[key] = _proto_size(content)
     return size
-
-
-_SIZES: dict[tuple, int] = {}
 
 
 def _proto_size(content: RecordDict) -> int:
