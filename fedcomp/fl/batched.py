@@ -143,10 +143,13 @@ def _train_group(rt: Runtime, group: list[TrainingRequest]) -> None:
                         d = buffers[name] = torch.clone(d)
                 p.add_(d, alpha=-lr)
             loss_sum += losses.detach()
+    # Every client's flat result is a row of one block, filled with one copy per parameter: per
+    # client, the transposed weights' copies took 9-16 ms a round for the mlp against 2 ms.
+    trained = torch.empty(len(group), layout.numel, dtype=flat_dtype, device=device)
+    for name, piece in zip(layout.names, torch.split(trained, layout.sizes, dim=1)):
+        piece.view(params[name].shape).copy_(params[name].detach())
     for i, request in enumerate(group):
-        request.trained = torch.empty(layout.numel, dtype=flat_dtype, device=device)
-        for name, piece in zip(layout.names, torch.split(request.trained, layout.sizes)):
-            piece.view(params[name].shape[1:]).copy_(params[name].detach()[i])
+        request.trained = trained[i]
         request.loss = float(loss_sum[i]) / max(len(steps), 1)
         if carried:
             for name, buf in buffers.items():
