@@ -285,6 +285,29 @@ def test_cohort_training_returns_detached_parameters(fast_cfg):
     assert all(r.trained is not None and not r.trained.requires_grad for r in requests)
 
 
+def test_cohort_results_are_unstacked_alike_in_one_copy_and_client_by_client(fast_cfg, monkeypatch):
+    """Small parameters go to the clients' rows in one copy, large ones client by client: the
+    same values either way."""
+    import torch
+
+    from fedcomp.fl import batched
+    from fedcomp.fl.cohort import TrainingRequest
+    from fedcomp.fl.runtime import get_runtime
+
+    rt = get_runtime(fast_cfg())
+    w = rt.layout.flatten(rt.new_model())
+
+    def trained() -> list[torch.Tensor]:
+        requests = [TrainingRequest(w, rt.client_indices(c), c, rt.local_training, None) for c in range(3)]
+        batched.train_cohort(rt, requests)
+        return [r.trained for r in requests]
+
+    in_one_copy = trained()
+    monkeypatch.setattr(batched, "_ONE_COPY_BYTES", 0)
+    client_by_client = trained()
+    assert all(torch.equal(a, b) for a, b in zip(in_one_copy, client_by_client))
+
+
 def test_cohort_training_equals_the_sequential_loop_with_carried_momentum(fast_cfg):
     """Parameters re-laid out to their gradients' layout (a vmapped Linear's weight gradient
     comes transposed; the first cohort finds it, the second stacks in it) give the loop's
