@@ -5,6 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedcomp.compression import PayloadError, build, registered
+from fedcomp.compression.base import all_finite
 from fedcomp.compression.selectors import _top_k_torch, budget, optimal_probabilities, top_k_indices
 from fedcomp.config.compose import CONF_DIR
 
@@ -262,6 +263,25 @@ def test_error_feedback_residual_is_bitwise_the_dense_formula(name, seed, d):
         assert torch.equal(rebuilt.view(torch.int32), dense.view(torch.int32))
 
 
+@pytest.mark.parametrize("name", ALL)
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 10**6), d=st.integers(1, 3000), dtype=st.sampled_from([torch.float32, torch.float16]))
+def test_compress_decoded_is_the_payload_and_its_decoding(name, seed, d, dtype):
+    """What error feedback subtracts without decoding its own payload is what the receiver
+    decodes: same payload, same indices, the same values to the bit, in the payload's dtype."""
+    x = tensor((d,), seed).to(dtype)
+    a, b = build(name), build(name)
+    a.reseed(seed)
+    b.reseed(seed)
+    payload, (idx, values) = a.compress_decoded(x)
+    expected = b.compress(x)
+    assert payload == expected
+    want_idx, want_values = b.decompress_sparse(expected)
+    assert (idx is None) == (want_idx is None) and (idx is None or torch.equal(idx, want_idx))
+    assert values.dtype == want_values.dtype and torch.equal(values.view(torch.int16 if dtype == torch.float16 else torch.int32),
+                                                              want_values.view(torch.int16 if dtype == torch.float16 else torch.int32))
+
+
 def test_layerwise_scope_applies_the_budget_per_layer():
     x = torch.cat([torch.full((10,), 100.0), torch.ones(90)])
     sizes = [10, 90]
@@ -270,6 +290,19 @@ def test_layerwise_scope_applies_the_budget_per_layer():
     y = per_layer.decompress(per_layer.compress(x))
     assert int((whole[10:] != 0).sum()) == 0
     assert int((y[:10] != 0).sum()) == 5 and int((y[10:] != 0).sum()) == 5
+
+
+@settings(max_examples=60, deadline=None)
+@given(d=st.sampled_from([1, 7, 1000, 40_000]), seed=st.integers(0, 10**6),
+       bad=st.sampled_from([None, float("nan"), float("inf"), float("-inf")]),
+       dtype=st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16]), strided=st.booleans())
+def test_all_finite_is_the_definition(d, seed, bad, dtype, strided):
+    """NaN, +Inf or -Inf anywhere, in every float dtype, contiguous or strided."""
+    x = tensor((2 * d,), seed).to(dtype)
+    x = x[::2] if strided else x[:d]
+    if bad is not None:
+        x[int(torch.randint(d, (1,), generator=torch.Generator().manual_seed(seed)))] = bad
+    assert all_finite(x) == bool(torch.isfinite(x).all())
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])

@@ -37,6 +37,13 @@ class Compressor(ABC):
         override it so that error feedback and aggregation touch k entries, not d."""
         return None, self.decompress(payload, shape, dtype).reshape(-1)
 
+    def compress_decoded(self, x: torch.Tensor) -> tuple[bytes, tuple[torch.Tensor | None, torch.Tensor]]:
+        """``compress(x)`` and the receiver's ``decompress_sparse`` of it, D(p): what error
+        feedback subtracts. Compressors that hold D(p) while encoding return it without
+        decoding their own payload."""
+        payload = self.compress(x)
+        return payload, self.decompress_sparse(payload)
+
     def state(self) -> dict[str, torch.Tensor]:
         return {}
 

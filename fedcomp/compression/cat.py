@@ -43,7 +43,7 @@ import torch
 from fedcomp.compression.quantizers import Float32Values, ScaledSign
 from fedcomp.compression.recipes import Recipe
 from fedcomp.compression.registry import register
-from fedcomp.compression.selectors import optimal_probabilities, top_k_indices
+from fedcomp.compression.selectors import magnitudes, optimal_probabilities, top_k_indices
 
 KINDS = ("sparsification", "sq", "stochastic")
 COSTS = ("payload", "affine", "packet")
@@ -149,7 +149,7 @@ class _CATSelector:
             keep = torch.rand(x.numel(), generator=generator, dtype=torch.float64) < p
             idx = torch.nonzero(keep).reshape(-1)
             return idx, (step * x[idx].double() / p[idx]).float()
-        idx = top_k_indices(x.abs(), t)
+        idx = top_k_indices(magnitudes(x), t)
         return idx, x[idx]
 
 

@@ -26,11 +26,10 @@ class ErrorFeedback(Compressor):
             corrected = flat + self.residual.to(flat.device)
         else:  # e_0 = 0, added as a scalar (as a zero vector would be: -0.0 becomes +0.0) without a d-sized zero vector
             corrected = flat + 0.0
-        payload = self.inner.compress(corrected.reshape(x.shape).to(x.dtype))
+        payload, (idx, values) = self.inner.compress_decoded(corrected.reshape(x.shape).to(x.dtype))
         # In place: ``corrected`` is this call's own tensor, and a fresh d-sized buffer per client
         # and round costs page faults as well as the copy. A sparse D(p) is zero off its indices,
         # where c - 0 = c exactly, so only its k entries are touched.
-        idx, values = self.inner.decompress_sparse(payload)
         values = values.to(flat.device, torch.float32)
         if idx is None:
             corrected.sub_(values)

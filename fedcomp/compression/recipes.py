@@ -43,6 +43,17 @@ class Recipe(Compressor):
         self.selector.ratio, self.selector.k = ratio, None
 
     def compress(self, x: torch.Tensor) -> bytes:
+        return self._encode(x)[0]
+
+    def compress_decoded(self, x: torch.Tensor) -> tuple[bytes, tuple[torch.Tensor | None, torch.Tensor]]:
+        """The payload and its decoded (indices, values), without decoding the payload: the
+        indices are the selector's (the index code is lossless) and the values are decoded
+        from the value blob just written, as ``decompress_sparse`` decodes them."""
+        payload, idx, blob, n = self._encode(x)
+        return payload, (None if idx is None else idx.cpu(), self.values.decode(blob, n).to(x.dtype))
+
+    def _encode(self, x: torch.Tensor) -> tuple[bytes, torch.Tensor | None, memoryview, int]:
+        """(payload, selected indices or None, the value codec's blob, the number of values)."""
         check_finite(x)
         flat = x.detach().reshape(-1).float()
         idx, vals = self.selector.select(flat, self.generator)
@@ -51,8 +62,9 @@ class Recipe(Compressor):
         if sparse:
             blob = encode_indices(idx.cpu().numpy(), flat.numel())
             body += _LEN.pack(len(blob)) + blob
-        body += self.values.encode(vals.cpu(), flat, self.generator)
-        return pack_frame(self.name, x.dtype, tuple(x.shape), body)
+        values = self.values.encode(vals.cpu(), flat, self.generator)
+        body += values
+        return pack_frame(self.name, x.dtype, tuple(x.shape), body), idx, memoryview(values), vals.numel()
 
     def decompress(self, payload: bytes, shape: tuple[int, ...] | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
         frame, idx, vals = self._decode(payload, shape, dtype)

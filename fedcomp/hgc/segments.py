@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedcomp.compression.selectors import budget, top_k_indices
+from fedcomp.compression.selectors import budget, magnitudes, top_k_indices
 
 SCOPES = ("model", "layerwise")
 
@@ -66,7 +66,7 @@ class Segments:
             if k == hi - lo:
                 parts.append(torch.arange(lo, hi, device=x.device))
             elif k:
-                parts.append(top_k_indices(x[lo:hi].abs(), k) + lo)
+                parts.append(top_k_indices(magnitudes(x[lo:hi]), k) + lo)
         return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64, device=x.device)
 
     def cuts(self, mask: torch.Tensor) -> np.ndarray:
