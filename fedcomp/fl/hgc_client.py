@@ -164,7 +164,9 @@ def encode_update(update: torch.Tensor, memory: torch.Tensor | None, shared_mask
     mask = on_device.cpu()
     cuts = segments.cuts(mask)
     symbols, levels = quantize_segments(x[on_device].cpu(), cuts, settings.bits)
-    memory = x.clone()
+    # The new memory is x itself, updated in place: x is this call's own sum, and the masked
+    # values were copied out above (as error feedback does; a clone cost a d-sized pass).
+    memory = x
     memory[on_device] -= dequantize_segments(symbols, levels, cuts).to(x.device)
     if settings.predictive:
         symbols = xor_residue(symbols, predictor.predicted_symbols(mask, settings.bits, cuts))
