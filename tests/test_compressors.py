@@ -278,8 +278,8 @@ def test_compress_decoded_is_the_payload_and_its_decoding(name, seed, d, dtype):
     assert payload == expected
     want_idx, want_values = b.decompress_sparse(expected)
     assert (idx is None) == (want_idx is None) and (idx is None or torch.equal(idx, want_idx))
-    assert values.dtype == want_values.dtype and torch.equal(values.view(torch.int16 if dtype == torch.float16 else torch.int32),
-                                                              want_values.view(torch.int16 if dtype == torch.float16 else torch.int32))
+    bits = torch.int16 if dtype == torch.float16 else torch.int32  # compared bit for bit: -0.0 is not 0.0
+    assert values.dtype == want_values.dtype and torch.equal(values.view(bits), want_values.view(bits))
 
 
 def test_layerwise_scope_applies_the_budget_per_layer():

@@ -63,8 +63,9 @@ def _in_numpy(a: torch.Tensor) -> bool:
 
 
 def magnitudes(x: torch.Tensor) -> torch.Tensor:
-    """|x|, by numpy on the CPU (float32/64): one pass without waking torch's thread team,
-    109 against 78 us at d = 159k after other work has evicted it from the caches."""
+    """|x|, by numpy on the CPU (float32/64): one pass without waking torch's thread team. On a
+    vector other work has just evicted from the caches (d = 159k), torch's ``abs`` took 109 us
+    and numpy's 78 us."""
     return torch.from_numpy(np.abs(x.detach().numpy())) if _in_numpy(x) else x.abs()
 
 
