@@ -62,9 +62,9 @@ class Recipe(Compressor):
         if sparse:
             blob = encode_indices(idx.cpu().numpy(), flat.numel())
             body += _LEN.pack(len(blob)) + blob
-        values = self.values.encode(vals.cpu(), flat, self.generator)
-        body += values
-        return pack_frame(self.name, x.dtype, tuple(x.shape), body), idx, memoryview(values), vals.numel()
+        value_blob = self.values.encode(vals.cpu(), flat, self.generator)
+        body += value_blob
+        return pack_frame(self.name, x.dtype, tuple(x.shape), body), idx, memoryview(value_blob), vals.numel()
 
     def decompress(self, payload: bytes, shape: tuple[int, ...] | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
         frame, idx, vals = self._decode(payload, shape, dtype)

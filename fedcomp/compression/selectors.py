@@ -150,7 +150,7 @@ def optimal_probabilities(g: torch.Tensor, budget_t: float) -> torch.Tensor:
     sum_j p_j = T and 0 <= p_j <= 1. The n_s largest magnitudes get p = 1; the rest
     p_j = |g_j| (T - n_s) / sum_{i > n_s} |g_i|, with n_s the smallest count that keeps every
     p_j <= 1. Zero coordinates get p = 0."""
-    a = g.abs()
+    a = magnitudes(g)
     nnz = int(torch.count_nonzero(a))
     if budget_t >= nnz:
         return (a > 0).double()
