@@ -337,6 +337,47 @@ def test_cohort_training_equals_the_sequential_loop_with_carried_momentum(fast_c
             torch.testing.assert_close(request.buffers[name], buf, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("extra", [
+    (),
+    ("train.weight_decay=0.01",),
+    ("model=cnn4", "model.channels=[4,8]", "model.hidden=16", "train.weight_decay=0.01"),
+], ids=["mlp", "mlp-wd", "cnn4-wd"])
+def test_cohort_training_with_fused_linear_steps_equals_the_sequential_loop(fast_cfg, extra):
+    """Plain SGD: the Linear layers are stepped inside the backward pass (fedcomp.fl.fused_sgd),
+    the convolutions from their gradients; every client ends where the loop's training does."""
+    from fedcomp.fl.batched import train_cohort
+    from fedcomp.fl.cohort import TrainingRequest
+    from fedcomp.fl.fused_sgd import fused_plan
+    from fedcomp.fl.local import train_local
+
+    rt = get_runtime(fast_cfg(*extra))
+    linear = {f"{prefix}.{n}" for prefix, m in rt.model.named_modules() if type(m) is torch.nn.Linear for n, _ in m.named_parameters()}
+    assert fused_plan(rt.model).stepped == linear
+    w = rt.layout.flatten(rt.new_model())
+    training = rt.local_training
+    requests = [TrainingRequest(w, rt.client_indices(c), c, training, None) for c in range(3)]
+    train_cohort(rt, requests)
+    for c, request in enumerate(requests):
+        rt.layout.load(rt.model, w)
+        loss = train_local(rt.model, rt.train.x, rt.train.y, rt.client_indices(c), generator=torch.Generator().manual_seed(c),
+                           **training)
+        torch.testing.assert_close(request.trained, rt.layout.flatten(rt.model), rtol=1e-5, atol=1e-6)
+        assert request.loss == pytest.approx(loss, rel=1e-6)
+
+
+def test_fused_steps_apply_only_where_each_layer_runs_once_in_sequence():
+    from torch import nn
+
+    from fedcomp.fl.fused_sgd import fused_plan
+
+    shared = nn.Linear(4, 4)
+    nested = nn.Sequential(nn.Flatten(), nn.Sequential(nn.Linear(4, 3), nn.ReLU()), nn.Linear(3, 2, bias=False))
+    assert fused_plan(nested).stepped == {"1.0.weight", "1.0.bias", "2.weight"}
+    assert fused_plan(nn.Sequential(shared, nn.ReLU(), shared)) is None
+    assert fused_plan(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU())) is None
+    assert fused_plan(nn.ModuleList([nn.Linear(4, 4)])) is None
+
+
 def test_batched_client_rounds_take_turns_on_the_engines_thread(fast_cfg, tmp_path, monkeypatch):
     """Every client round runs on the thread that runs the engine (in greenlets), so PyTorch's
     OpenMP pool stays one team, as on the inline engine."""

@@ -13,9 +13,11 @@ steps, learning rate, momentum, weight decay, whether momentum is carried) and r
 with ``torch.func``: per-client parameters stacked on a leading axis, per-client batches drawn
 from each client's own generator exactly as ``train_local`` draws them, a vmapped forward pass
 and one backward pass for every client's gradients, and ``LocalSGD``'s update arithmetic on
-the stacked tensors. Results equal the sequential ones up to floating-point summation order
-inside the batched kernels. The stacked parameters live in the memory layout their gradients
-come in (transposed for a Linear's weight), and the engine's process keeps freed memory for
+the stacked tensors. Without momentum, a Sequential model's Linear layers are stepped inside
+that backward pass instead, their gradients never stored (``fedcomp.fl.fused_sgd``). Results
+equal the sequential ones up to floating-point summation order inside the batched kernels.
+Parameters stepped from their gradients live in the memory layout the gradients come in
+(transposed for a vmapped Linear's weight), and the engine's process keeps freed memory for
 reuse (``keep_large_allocations``): on CPU both were worth 2x on cnn4's vmapped training.
 
 Supported: models without buffers or randomness in training (no batch norm, no dropout:
@@ -27,6 +29,7 @@ the members on its mask.
 from __future__ import annotations
 
 import ctypes
+import functools
 import time
 from pathlib import Path
 from typing import Any
@@ -41,6 +44,7 @@ from torch.func import functional_call, vmap
 from fedcomp.fl.client_app import make_client_app
 from fedcomp.fl.cohort import TrainingRequest, set_parking
 from fedcomp.fl.engine import InlineGrid, call_client_app, client_threads, declare_server_task, state_store
+from fedcomp.fl.fused_sgd import cohort_losses, fused_plan
 from fedcomp.fl.local import batches, local_steps
 from fedcomp.fl.runtime import Runtime, get_runtime
 from fedcomp.fl.server_app import run_server
@@ -108,31 +112,38 @@ def _train_group(rt: Runtime, group: list[TrainingRequest]) -> None:
     lr, momentum, weight_decay = t["lr"], t["momentum"], t["weight_decay"]
     names = [name for name, _ in model.named_parameters()]
     carried = group[0].buffers is not None and momentum > 0
+    plan = fused_plan(model) if momentum == 0 else None
+    stepped = plan.stepped if plan is not None else set()
     pieces = list(zip(*[torch.split(r.w, layout.sizes) for r in group]))
-    params = {name: _stacked(name, chunks, shape, device).requires_grad_() for name, chunks, shape in zip(layout.names, pieces, layout.shapes)}
+    params = {name: _stacked(name, chunks, shape, device, gradient_layout=name not in stepped).requires_grad_(name not in stepped)
+              for name, chunks, shape in zip(layout.names, pieces, layout.shapes)}
     buffers = {name: _stacked(name, tuple(r.buffers[name] for r in group), params[name].shape[1:], device) for name in names
                if carried and name in group[0].buffers}
     steps = list(zip(*[_batches(r) for r in group]))  # per step, each client's batch indices
 
-    def loss_of(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return nn.functional.cross_entropy(functional_call(model, p, (x,)), y)
-
     # Only the forward pass is vmapped; one backward of the summed losses gives every client's
     # gradient (client i's loss depends on its own parameters only). torch.func.grad would do
-    # the same but imports torch._dynamo on first use: seconds of start-up.
-    losses_of = vmap(loss_of)
-    leaves = [params[name] for name in names]
+    # the same but imports torch._dynamo on first use: seconds of start-up. With a fused plan
+    # the backward also steps the Linear layers (fedcomp.fl.fused_sgd); the rest is stepped here.
+    if plan is None:
+        logits_of = vmap(lambda p, x: functional_call(model, p, (x,)))
+    else:
+        logits_of = functools.partial(plan.logits, lr=lr, weight_decay=weight_decay)
+    stepped_here = [name for name in names if name not in stepped]
+    anchors = [plan.anchor] if plan is not None else []
+    leaves = [params[name] for name in stepped_here]
     loss_sum = torch.zeros(len(group), device=device)
     x, y = rt.train.x, rt.train.y
     with torch.no_grad():
         for batch in steps:
             idx = torch.stack(batch).to(device)
             with torch.enable_grad():
-                losses = losses_of(params, x[idx], y[idx])
-                grads = dict(zip(names, torch.autograd.grad(losses.sum(), leaves, allow_unused=True, materialize_grads=True)))
+                losses = cohort_losses(logits_of(params, x[idx]), y[idx])
+                found = torch.autograd.grad(losses.sum(), leaves + anchors, allow_unused=True, materialize_grads=True)
+                grads = dict(zip(stepped_here, found))
             if _adopt_gradient_layouts(params, buffers, grads):
-                leaves = [params[name] for name in names]
-            for name in names:
+                leaves = [params[name] for name in stepped_here]
+            for name in stepped_here:
                 p, d = params[name], grads[name]
                 if weight_decay != 0:
                     d = d.add(p, alpha=weight_decay)
@@ -170,11 +181,12 @@ _ONE_COPY_BYTES = 1 << 20  # a parameter up to this size per client is unstacked
 _GRADIENT_STRIDES: dict[tuple[str, tuple[int, ...]], tuple[int, ...]] = {}
 
 
-def _stacked(name: str, chunks: tuple[torch.Tensor, ...], shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+def _stacked(name: str, chunks: tuple[torch.Tensor, ...], shape: tuple[int, ...], device: torch.device,
+             gradient_layout: bool = True) -> torch.Tensor:
     """The clients' flat chunks of one parameter stacked on a leading axis, in the layout its
-    gradient is known to come in."""
+    gradient is known to come in (``gradient_layout``) or the standard one."""
     size = (len(chunks), *shape)
-    strides = _GRADIENT_STRIDES.get((name, size))
+    strides = _GRADIENT_STRIDES.get((name, size)) if gradient_layout else None
     out = torch.empty(size, dtype=chunks[0].dtype, device=device) if strides is None else \
         torch.empty_strided(size, strides, dtype=chunks[0].dtype, device=device)
     for slot, chunk in zip(out, chunks):

@@ -1,0 +1,130 @@
+"""A cohort's forward pass layer by layer, with each Linear layer's SGD step fused into its
+backward pass (the batched engine's step for plain SGD: no momentum).
+
+The general cohort step (``fedcomp.fl.batched``) has autograd write every client's gradient and
+then reads it back to update. For a Linear layer that is two extra passes over the cohort's
+stacked weights, and they dominate on a CPU: the mlp's first layer is 50 x 200 x 784 floats,
+31 MB, which do not stay in the caches from one operation to the next. Here a Linear layer's
+backward computes its input's gradient with the weights it ran with and then steps the weights
+in place with one batched product,
+
+    W <- (1 - lr * wd) W - lr * delta^T x,   b <- (1 - lr * wd) b - lr * sum_rows(delta)
+
+(``torch.baddbmm``: C <- beta C + alpha A B), which is ``LocalSGD``'s update without momentum,
+p <- p - lr (grad + wd p), with nn.Linear's gradient delta^T x written out: the gradient is never
+stored. Other layers run vmapped on their own stacked parameters and are stepped from their
+returned gradients by the caller, as in the general step. The mlp's 50-client step (batch 10;
+forward, backward and update) took 4.2-4.7 ms against 8.7-12 ms for the general step on the
+2-core CPU.
+
+Applies to ``nn.Sequential`` models (nested ones are flattened) in which no module appears
+twice; ``fused_plan`` returns None otherwise and the engine takes the general step.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+
+class _SteppedLinear(torch.autograd.Function):
+    """A Linear layer on stacked inputs ``x`` (clients, rows, in) and weights (clients, out, in)
+    whose backward steps the weights and bias in place and returns no gradient for them.
+    ``anchor`` is a scalar that requires grad, so that the backward runs even where ``x`` does
+    not require grad (the first layer)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, anchor, lr: float, weight_decay: float):  # noqa: ARG004 -- anchor only links the graph
+        ctx.save_for_backward(x, weight)
+        ctx.bias, ctx.lr, ctx.weight_decay = bias, lr, weight_decay
+        if bias is None:
+            return torch.bmm(x, weight.transpose(1, 2))
+        return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, delta):
+        x, weight = ctx.saved_tensors
+        grad_x = torch.bmm(delta, weight) if ctx.needs_input_grad[0] else None  # before the weights move
+        keep = 1.0 - ctx.lr * ctx.weight_decay
+        weight.baddbmm_(delta.transpose(1, 2), x, beta=keep, alpha=-ctx.lr)
+        if ctx.bias is not None:
+            ctx.bias.mul_(keep).sub_(delta.sum(1), alpha=ctx.lr)
+        return grad_x, None, None, None, None, None
+
+
+# Elementwise layers are applied to the stacked tensor as they are: the clients' axis changes
+# nothing for them, and vmapping them cost 0.1-0.2 ms each per step (the mlp's 50-client step
+# took 4.3-4.7 ms with ReLU applied directly against 4.9-5.3 ms vmapped).
+_ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Identity)
+
+Step = Callable[[dict[str, torch.Tensor], torch.Tensor, float, float], torch.Tensor]  # (params, h, lr, weight_decay) -> h
+
+
+class FusedPlan:
+    """The model's layers in order as steps on the stacked activations: each Linear layer stepped
+    in its backward (``stepped``: the names of the parameters so stepped), elementwise layers
+    applied directly, every other layer vmapped with its own parameters."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.stepped: set[str] = set()
+        self.anchor = torch.zeros((), device=next(model.parameters()).device, requires_grad=True)
+        self._steps: list[Step] = []
+        prefixes = {id(m): name for name, m in model.named_modules()}
+        for module in _leaves(model):
+            prefix = prefixes[id(module)]
+            names = {local: f"{prefix}.{local}" if prefix else local for local, _ in module.named_parameters()}
+            if type(module) is nn.Linear:
+                self.stepped.update(names.values())
+                self._steps.append(functools.partial(self._linear, names))
+            elif type(module) in _ELEMENTWISE:
+                self._steps.append(lambda params, h, lr, wd, m=module: m(h))
+            else:
+                vmapped = vmap(lambda p, h, m=module: functional_call(m, p, (h,)))
+                self._steps.append(lambda params, h, lr, wd, f=vmapped, names=names: f({k: params[v] for k, v in names.items()}, h))
+
+    def logits(self, params: dict[str, torch.Tensor], x: torch.Tensor, *, lr: float, weight_decay: float) -> torch.Tensor:
+        """The cohort's outputs (clients first); backward through them steps the Linear layers."""
+        h = x
+        for step in self._steps:
+            h = step(params, h, lr, weight_decay)
+        return h
+
+    def _linear(self, names: dict[str, str], params: dict[str, torch.Tensor], h: torch.Tensor, lr: float, weight_decay: float) -> torch.Tensor:
+        bias = params[names["bias"]] if "bias" in names else None
+        rows = h.reshape(h.shape[0], -1, h.shape[-1])  # (clients, rows, in) whatever the per-client shape
+        out = _SteppedLinear.apply(rows, params[names["weight"]], bias, self.anchor, lr, weight_decay)
+        return out.reshape(*h.shape[:-1], out.shape[-1])
+
+
+def _leaves(model: nn.Module) -> list[nn.Module]:
+    """The modules a Sequential applies in order, nested Sequentials flattened."""
+    out = []
+    for module in model:
+        out.extend(_leaves(module) if isinstance(module, nn.Sequential) else [module])
+    return out
+
+
+def fused_plan(model: nn.Module) -> FusedPlan | None:
+    """The fused plan for ``model``, or None where the model is not a Sequential, has no
+    Linear layer, or applies a module twice (a shared layer's step needs its summed gradient)."""
+    if not isinstance(model, nn.Sequential):
+        return None
+    leaves = _leaves(model)
+    if len({id(m) for m in leaves}) < len(leaves) or not any(type(m) is nn.Linear for m in leaves):
+        return None
+    params = [id(p) for m in leaves for p in m.parameters()]
+    if len(set(params)) < len(params):
+        return None
+    return FusedPlan(model)
+
+
+def cohort_losses(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Each client's mean cross-entropy over its batch (``logits``: clients, rows, classes).
+    Computed outside vmap: under vmap ``cross_entropy`` runs a Python decomposition whose first
+    call imports sympy (about 0.5 s)."""
+    flat = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none")
+    return flat.view(y.shape[0], -1).mean(1)
