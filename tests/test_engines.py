@@ -308,17 +308,23 @@ def test_cohort_results_are_unstacked_alike_in_one_copy_and_client_by_client(fas
     assert all(torch.equal(a, b) for a, b in zip(in_one_copy, client_by_client))
 
 
-def test_cohort_training_equals_the_sequential_loop_with_carried_momentum(fast_cfg):
-    """Parameters re-laid out to their gradients' layout (a vmapped Linear's weight gradient
-    comes transposed; the first cohort finds it, the second stacks in it) give the loop's
-    parameters and momentum buffers, the buffers handed back in the standard layout."""
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-linear-steps", "general-step"])
+def test_cohort_training_equals_the_sequential_loop_with_carried_momentum(fast_cfg, monkeypatch, fused):
+    """Carried momentum buffers, in both of the cohort's steps: the Linear layers stepped inside
+    the backward pass (fedcomp.fl.fused_sgd), or every parameter from its gradient, re-laid out
+    to its gradient's layout (a vmapped Linear's weight gradient comes transposed; the first
+    cohort finds it, the second stacks in it). Both give the loop's parameters and momentum
+    buffers, the buffers handed back in the standard layout."""
     import torch
 
+    from fedcomp.fl import batched
     from fedcomp.fl.batched import train_cohort
     from fedcomp.fl.cohort import TrainingRequest
     from fedcomp.fl.local import train_local
     from fedcomp.fl.runtime import get_runtime
 
+    if not fused:
+        monkeypatch.setattr(batched, "fused_plan", lambda model: None)
     rt = get_runtime(fast_cfg("train.momentum=0.9", "train.weight_decay=0.001"))
     w = rt.layout.flatten(rt.new_model())
     training = rt.local_training
@@ -341,10 +347,13 @@ def test_cohort_training_equals_the_sequential_loop_with_carried_momentum(fast_c
     (),
     ("train.weight_decay=0.01",),
     ("model=cnn4", "model.channels=[4,8]", "model.hidden=16", "train.weight_decay=0.01"),
-], ids=["mlp", "mlp-wd", "cnn4-wd"])
+    ("train.momentum=0.9",),
+    ("model=cnn4", "model.channels=[4,8]", "model.hidden=16", "train.momentum=0.9", "train.weight_decay=0.01"),
+], ids=["mlp", "mlp-wd", "cnn4-wd", "mlp-momentum", "cnn4-momentum-wd"])
 def test_cohort_training_with_fused_linear_steps_equals_the_sequential_loop(fast_cfg, extra):
-    """Plain SGD: the Linear layers are stepped inside the backward pass (fedcomp.fl.fused_sgd),
-    the convolutions from their gradients; every client ends where the loop's training does."""
+    """The Linear layers are stepped inside the backward pass (fedcomp.fl.fused_sgd), the
+    convolutions from their gradients, momentum fresh each round; every client ends where the
+    loop's training does."""
     from fedcomp.fl.batched import train_cohort
     from fedcomp.fl.cohort import TrainingRequest
     from fedcomp.fl.fused_sgd import fused_plan

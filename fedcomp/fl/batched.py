@@ -13,8 +13,8 @@ steps, learning rate, momentum, weight decay, whether momentum is carried) and r
 with ``torch.func``: per-client parameters stacked on a leading axis, per-client batches drawn
 from each client's own generator exactly as ``train_local`` draws them, a vmapped forward pass
 and one backward pass for every client's gradients, and ``LocalSGD``'s update arithmetic on
-the stacked tensors. Without momentum, a Sequential model's Linear layers are stepped inside
-that backward pass instead, their gradients never stored (``fedcomp.fl.fused_sgd``). Results
+the stacked tensors. A Sequential model's Linear layers are stepped inside that backward pass
+instead, their gradients never stored (``fedcomp.fl.fused_sgd``). Results
 equal the sequential ones up to floating-point summation order inside the batched kernels.
 Parameters stepped from their gradients live in the memory layout the gradients come in
 (transposed for a vmapped Linear's weight), and the engine's process keeps freed memory for
@@ -44,7 +44,7 @@ from torch.func import functional_call, vmap
 from fedcomp.fl.client_app import make_client_app
 from fedcomp.fl.cohort import TrainingRequest, set_parking
 from fedcomp.fl.engine import InlineGrid, call_client_app, client_threads, declare_server_task, state_store
-from fedcomp.fl.fused_sgd import cohort_losses, fused_plan
+from fedcomp.fl.fused_sgd import SGD, cohort_losses, fused_plan
 from fedcomp.fl.local import batches, local_steps
 from fedcomp.fl.runtime import Runtime, get_runtime
 from fedcomp.fl.server_app import run_server
@@ -112,13 +112,14 @@ def _train_group(rt: Runtime, group: list[TrainingRequest]) -> None:
     lr, momentum, weight_decay = t["lr"], t["momentum"], t["weight_decay"]
     names = [name for name, _ in model.named_parameters()]
     carried = group[0].buffers is not None and momentum > 0
-    plan = fused_plan(model) if momentum == 0 else None
+    plan = fused_plan(model)
     stepped = plan.stepped if plan is not None else set()
     pieces = list(zip(*[torch.split(r.w, layout.sizes) for r in group]))
     params = {name: _stacked(name, chunks, shape, device, gradient_layout=name not in stepped).requires_grad_(name not in stepped)
               for name, chunks, shape in zip(layout.names, pieces, layout.shapes)}
-    buffers = {name: _stacked(name, tuple(r.buffers[name] for r in group), params[name].shape[1:], device) for name in names
-               if carried and name in group[0].buffers}
+    buffers = {name: _stacked(name, tuple(r.buffers[name] for r in group), params[name].shape[1:], device,
+                              gradient_layout=name not in stepped) for name in names if carried and name in group[0].buffers}
+    sgd = SGD(lr, momentum, weight_decay, buffers)
     steps = list(zip(*[_batches(r) for r in group]))  # per step, each client's batch indices
 
     # Only the forward pass is vmapped; one backward of the summed losses gives every client's
@@ -128,7 +129,7 @@ def _train_group(rt: Runtime, group: list[TrainingRequest]) -> None:
     if plan is None:
         logits_of = vmap(lambda p, x: functional_call(model, p, (x,)))
     else:
-        logits_of = functools.partial(plan.logits, lr=lr, weight_decay=weight_decay)
+        logits_of = functools.partial(plan.logits, sgd=sgd)
     stepped_here = [name for name in names if name not in stepped]
     anchors = [plan.anchor] if plan is not None else []
     leaves = [params[name] for name in stepped_here]
@@ -144,15 +145,7 @@ def _train_group(rt: Runtime, group: list[TrainingRequest]) -> None:
             if _adopt_gradient_layouts(params, buffers, grads):
                 leaves = [params[name] for name in stepped_here]
             for name in stepped_here:
-                p, d = params[name], grads[name]
-                if weight_decay != 0:
-                    d = d.add(p, alpha=weight_decay)
-                if momentum != 0:
-                    if name in buffers:
-                        d = buffers[name].mul_(momentum).add_(d)
-                    else:
-                        d = buffers[name] = torch.clone(d)
-                p.add_(d, alpha=-lr)
+                sgd.step_(name, params[name], grads[name])
             loss_sum += losses.detach()
     # Every client's flat result is a row of one block. A parameter is copied into it in its
     # standard layout either in one copy for all clients or client by client, whichever was
