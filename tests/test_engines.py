@@ -374,6 +374,48 @@ def test_cohort_training_with_fused_linear_steps_equals_the_sequential_loop(fast
         assert request.loss == pytest.approx(loss, rel=1e-6)
 
 
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_a_fused_plan_steps_each_client_as_sgd_does(momentum):
+    """Any Sequential: nested, a Linear on 3-d per-client inputs, one without bias, elementwise
+    and vmapped layers between. Three steps of the plan equal three SGD steps of each client
+    alone (autograd's gradients, LocalSGD's arithmetic)."""
+    from torch import nn
+
+    from fedcomp.fl.fused_sgd import SGD, cohort_losses, fused_plan
+    from fedcomp.fl.local import LocalSGD
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Sequential(nn.Linear(4, 6), nn.GELU()), nn.LayerNorm(6), nn.Flatten(), nn.Linear(18, 3, bias=False))
+    clients = [[torch.randn_like(p) for p in model.parameters()] for _ in range(3)]
+    x, y = torch.randn(3, 5, 3, 4), torch.randint(0, 3, (3, 5))
+    lr, weight_decay = 0.1, 0.01
+    names = [n for n, _ in model.named_parameters()]
+    params = {n: torch.stack([c[i] for c in clients]) for i, n in enumerate(names)}
+    plan, sgd = fused_plan(model), SGD(lr, momentum, weight_decay)
+    assert plan.stepped == {"0.0.weight", "0.0.bias", "3.weight"}
+    for name in plan.stepped ^ set(names):
+        params[name].requires_grad_()
+    with torch.no_grad():
+        for _ in range(3):
+            with torch.enable_grad():
+                losses = cohort_losses(plan.logits(params, x, sgd), y)
+                rest = [n for n in names if n not in plan.stepped]
+                grads = torch.autograd.grad(losses.sum(), [params[n] for n in rest] + [plan.anchor], allow_unused=True)
+            for name, grad in zip(rest, grads):
+                sgd.step_(name, params[name], grad)
+    for i, values in enumerate(clients):
+        with torch.no_grad():
+            for p, v in zip(model.parameters(), values):
+                p.copy_(v)
+        opt = LocalSGD(list(model.parameters()), lr=lr, momentum=momentum, weight_decay=weight_decay)
+        for _ in range(3):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[i]), y[i]).backward()
+            opt.step()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(params[name][i].detach(), p.detach(), rtol=1e-5, atol=1e-6)
+
+
 def test_fused_steps_apply_only_where_each_layer_runs_once_in_sequence():
     from torch import nn
 
