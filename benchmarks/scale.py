@@ -2,13 +2,13 @@
 
 1000 clients x 60 samples (IID), 50 sampled per round, batch 10, one local epoch (6 steps),
 lr 0.05; models mlp and cnn4; methods FedAvg, top-k 1% with error feedback, HGC (0.1%, 1 bit).
-Each engine (inline, pool, batched; ray on request) runs R rounds in a fresh process; its
+Each engine (inline, pool, batched, batched_pool; ray on request) runs R rounds in a fresh process; its
 per-round time is the median over rounds 2..R-1 (round 1 warms up, the last evaluates) and is
 reported over the *plain loop*: the same 50 clients' training as a sequential PyTorch loop
 with no Flower, no compression, on the same machine and threads. The plain cell also measures
 the limits: the loop's training FLOP rate against the machine's sgemm rate, and the batched
 engine's vmapped training alone (no Flower, no compression) over the loop. Peak RSS is the cell
-process's (pool: plus its largest worker's); state MB/client is the client-state store's bytes
+process's (pool, batched_pool: plus its largest worker's); state MB/client is the client-state store's bytes
 over the clients holding state (fedcomp's in-process engines).
 
 ``--cohorts N ...`` measures how the per-client cost grows with the cohort: mlp, every client
@@ -33,7 +33,7 @@ keeps the cells of the results file that are not run again. Memory cells: every 
 trains every round (fraction 1) for two rounds, cnn4, inline, HGC and top-k + EF as they are,
 with bf16 error feedback and with a state memory budget; the issue's target is 8 GB RSS.
 
-    python benchmarks/scale.py [--models mlp cnn4] [--engines inline pool batched] [--rounds 6] [--repeat 3] [--memory] [--cohorts 100 300 1000]
+    python benchmarks/scale.py [--models mlp cnn4] [--engines inline pool batched batched_pool] [--rounds 6] [--repeat 3] [--memory] [--cohorts 100 300 1000]
                                [--device cuda] [--out FILE]
 
 Prints a table and writes benchmarks/results/scale.json.
@@ -175,7 +175,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=["mlp", "cnn4"])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    ap.add_argument("--engines", nargs="+", default=["inline", "pool", "batched"], choices=["inline", "pool", "batched", "ray"])
+    ap.add_argument("--engines", nargs="+", default=["inline", "pool", "batched", "batched_pool"],
+                    choices=["inline", "pool", "batched", "batched_pool", "ray"])
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--repeat", type=int, default=1, help="run every cell N times, interleaved, and report medians")
     ap.add_argument("--memory", action="store_true", help="also the 1000-client memory cells")
@@ -271,12 +272,12 @@ def write_results(path: Path, rows: dict[tuple, dict], memory: list[dict], round
 
 def _format(row: dict, plain: dict) -> str:
     if "error" in row:
-        return f"{row['model']:>5} {row['method']:>10} {row['engine']:>8}  failed: {row['error']}"
+        return f"{row['model']:>5} {row['method']:>10} {row['engine']:>12}  failed: {row['error']}"
     extra = f" | state {row['state_mb_per_client']:.2f} MB/client" if "state_mb_per_client" in row else ""
     over = row.get("over_plain", row["round_s"] / plain["round_s"])
     clients = f" ({row['clients']} clients)" if row.get("clients", 1000) != 1000 else ""
     clients += f" [{row['device']}]" if row.get("device", "cpu") != "cpu" else ""
-    return (f"{row['model']:>5} {row['method']:>10} {row['engine']:>8}{clients} {row['round_s'] * 1e3:9.1f} ms/round "
+    return (f"{row['model']:>5} {row['method']:>10} {row['engine']:>12}{clients} {row['round_s'] * 1e3:9.1f} ms/round "
             f"{over:6.2f}x plain | RSS {row['rss_mb']:7.0f} MB (worker {row['child_rss_mb']:5.0f}){extra}")
 
 

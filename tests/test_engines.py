@@ -114,8 +114,9 @@ def test_rebalancing_moves_only_clients_without_state_and_changes_nothing(fast_c
     assert retrained_moves > 0 if extra[0] == "compressor=none" else retrained_moves == 0
 
 
-def test_pool_checkpoint_resumes_bit_for_bit(fast_cfg, tmp_path):
-    pool = ("simulation.backend=pool", "simulation.workers=2", "num_rounds=4")
+@pytest.mark.parametrize("backend", ["pool", "batched_pool"])
+def test_pool_checkpoint_resumes_bit_for_bit(fast_cfg, tmp_path, backend):
+    pool = (f"simulation.backend={backend}", "simulation.workers=2", "num_rounds=4")
     run_experiment(fast_cfg(*STATEFUL, *pool), tmp_path / "straight")
     assert run_experiment(fast_cfg(*STATEFUL, *pool, "simulation.stop_after_round=2"), tmp_path / "resumed")["status"] == "stopped"
     assert run_experiment(fast_cfg(*STATEFUL, *pool), tmp_path / "resumed", resume=True)["status"] == "ok"
@@ -254,6 +255,44 @@ def test_batched_matches_inline(fast_cfg, tmp_path, extra):
     run_experiment(fast_cfg(*extra), tmp_path / "inline")
     run_experiment(fast_cfg(*extra, "simulation.backend=batched"), tmp_path / "batched")
     close_runs(tmp_path / "inline", tmp_path / "batched")
+
+
+@pytest.mark.parametrize("extra", [
+    STATEFUL,
+    ("strategy=hgc", "strategy.ratio=0.05", "strategy.bits=2", "num_rounds=3", "simulation.fraction=0.75"),
+], ids=["topk-ef-momentum", "hgc"])
+def test_batched_pool_matches_inline(fast_cfg, tmp_path, extra):
+    """Pool workers each training their share of the cohort as one vmapped computation: the
+    inline engine's bytes, its answers to float tolerance."""
+    run_experiment(fast_cfg(*extra), tmp_path / "inline")
+    run_experiment(fast_cfg(*extra, "simulation.backend=batched_pool", "simulation.workers=2"), tmp_path / "batched_pool")
+    close_runs(tmp_path / "inline", tmp_path / "batched_pool")
+
+
+def test_batched_pool_workers_train_their_clients_as_one_cohort(fast_cfg, tmp_path):
+    """With measured compute time, a cohort's clients share its training time equally: the two
+    workers' equal-sized clients show at most two distinct times a round, where clients trained
+    one by one each show their own."""
+    measured = ("partition=iid", "network.compute=measured", "simulation.workers=2")
+    run_experiment(fast_cfg(*measured, "simulation.backend=pool"), tmp_path / "pool")
+    run_experiment(fast_cfg(*measured, "simulation.backend=batched_pool"), tmp_path / "batched_pool")
+    def distinct_times(run: str) -> list[int]:
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [len({c["compute_s"] for c in json.loads(line)["clients"].values()}) for line in lines]
+
+    assert distinct_times("pool") == [4, 4]
+    assert distinct_times("batched_pool") == [2, 2]
+
+
+def test_batched_pool_refuses_a_model_with_batch_norm_before_starting_workers(tmp_path, monkeypatch):
+    from fedcomp.config import compose_config
+    from fedcomp.fl import pool
+
+    monkeypatch.setattr(pool, "PoolGrid", lambda *a, **k: pytest.fail("workers started"))
+    cfg = compose_config(["dataset=synthetic", "dataset.synthetic.shape=[3,8,8]", "model=resnet18", "model.norm=batch",
+                          "simulation.num_clients=2", "num_rounds=1", "progress=false", "simulation.backend=batched_pool"])
+    with pytest.raises(ValueError, match="batch norm"):
+        run_experiment(cfg, tmp_path)
 
 
 @cuda

@@ -28,7 +28,7 @@ def _require(ok: bool, key: str, why: str, value: Any) -> None:
         raise ConfigError(f"{key}: {why} (got {value!r})")
 
 
-BACKENDS = ("inline", "pool", "batched", "ray")
+BACKENDS = ("inline", "pool", "batched", "batched_pool", "ray")
 
 # Injectable client faults, described in fedcomp/fl/faults.py.
 FAULT_KINDS = ("crash", "lose_down", "lose", "corrupt", "truncate", "wrong_shape", "nan_update", "nan_metrics", "forge_size")
@@ -42,6 +42,7 @@ class SimulationConfig:
     # pool: the same, on persistent worker processes training in parallel;
     # batched: a round's local training done as one vmapped computation per group of same-shaped
     # clients (models without batch norm or dropout; client algorithms' hooks train in turn);
+    # batched_pool: pool workers, each training its share of a round's cohort as batched does;
     # ray: Flower's simulation engine (one Ray actor per client_cpus).
     backend: str = "inline"
     workers: Optional[int] = None  # pool: worker processes (null: the cores client_cpus threads fill)

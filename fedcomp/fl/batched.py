@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import Message
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
 from greenlet import greenlet
 from omegaconf import DictConfig
 from torch import nn
@@ -204,13 +205,25 @@ def _adopt_gradient_layouts(params: dict[str, torch.Tensor], buffers: dict[str, 
     return moved
 
 
+def prepare_process(rt: Runtime) -> None:
+    """Make this process a cohort trainer: refuse a model it cannot train alike, keep freed memory."""
+    check_model(rt.model)
+    keep_large_allocations()
+
+
+def call_as_cohort(rt: Runtime, app: ClientApp, messages: list[Message], contexts: dict[int, Context]) -> list[Message]:
+    """The ClientApp's replies to ``messages`` (each to its node's context): the client rounds take
+    turns, and their local training is done together by ``train_cohort``."""
+    return _Turns().run([lambda m=msg: call_client_app(app, m, contexts[m.metadata.dst_node_id]) for msg in messages],
+                        lambda requests: train_cohort(rt, requests))
+
+
 class BatchedGrid(InlineGrid):
     """The inline Grid with each round's local training done by ``train_cohort``."""
 
     def __init__(self, cfg: DictConfig, run_id: int = 1) -> None:
         self.rt = get_runtime(cfg)
-        check_model(self.rt.model)
-        keep_large_allocations()
+        prepare_process(self.rt)
         super().__init__(make_client_app(cfg), cfg.simulation.num_clients, run_id=run_id, store=state_store(cfg.simulation))
 
     def push_messages(self, messages: Any) -> list[str]:
@@ -219,8 +232,7 @@ class BatchedGrid(InlineGrid):
             if msg.metadata.dst_node_id not in self._contexts:
                 raise ValueError(f"no node {msg.metadata.dst_node_id}")
             self.assign_id(msg)
-        replies = _Turns().run([lambda m=msg: call_client_app(self._app, m, self._contexts[m.metadata.dst_node_id]) for msg in messages],
-                               lambda requests: train_cohort(self.rt, requests))
+        replies = call_as_cohort(self.rt, self._app, messages, self._contexts)
         for msg, reply in zip(messages, replies):
             self._replies[msg.metadata.message_id] = reply
         return [msg.metadata.message_id for msg in messages]

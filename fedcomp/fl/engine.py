@@ -12,6 +12,9 @@ train in parallel (``fedcomp.fl.pool``).
 ``batched``: the inline Grid with each round's local training done as one vmapped computation
 per group of same-shaped clients (``fedcomp.fl.batched``).
 
+``batched_pool``: the pool, each worker training its share of a round's cohort as ``batched``
+does.
+
 ``ray``: Flower's simulation engine (``flwr.simulation.run_simulation``), one Ray actor per
 ``simulation.client_cpus``. Use it when clients need isolation or several GPUs.
 
@@ -181,7 +184,12 @@ def run_pool(cfg: DictConfig, out_dir: str | Path, run_id: int = 1, resume: bool
     from fedcomp.fl.runtime import get_runtime
 
     declare_server_task(run_id)
-    grid = PoolGrid(cfg, client_work(cfg, get_runtime(cfg).partition.sizes), run_id)
+    rt = get_runtime(cfg)
+    if cfg.simulation.backend == "batched_pool":
+        from fedcomp.fl.batched import check_model
+
+        check_model(rt.model)  # before any worker starts
+    grid = PoolGrid(cfg, client_work(cfg, rt.partition.sizes), run_id)
     try:
         return run_server(grid, cfg, out_dir, resume)
     finally:
@@ -214,7 +222,7 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path, resume: bool = False) -
     """Run with the configured backend; return the summary written to ``out_dir``.
     ``resume``: continue from ``out_dir``'s checkpoint (fedcomp's own engines)."""
     backend = cfg.simulation.backend
-    if backend == "pool":
+    if backend in ("pool", "batched_pool"):
         return run_pool(cfg, out_dir, resume=resume)
     if backend == "batched":
         from fedcomp.fl.batched import run_batched

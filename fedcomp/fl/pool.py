@@ -22,6 +22,11 @@ A client's work depends only on its message, its state and its seed, so results 
 bit-identical to the inline engine for any number of workers (tested) when both train at the
 same thread count. A worker that dies costs its clients their replies (error replies), not
 the run.
+
+``simulation.backend=batched_pool``: each worker trains its share of a round's cohort as the
+batched engine does (``fedcomp.fl.batched.call_as_cohort``): parallel clients' bookkeeping on
+every worker, batched training within each. Results then equal the inline engine's to float
+tolerance, as the batched engine's do.
 """
 
 from __future__ import annotations
@@ -191,7 +196,12 @@ def _worker(conn: Connection) -> None:
         cfg = OmegaConf.create(cfg_yaml)
         import_plugins(cfg)
         declare_server_task(run_id)
-        get_runtime(cfg)
+        rt = get_runtime(cfg)
+        batched = cfg.simulation.backend == "batched_pool"
+        if batched:
+            from fedcomp.fl.batched import call_as_cohort, prepare_process  # torch.func and greenlet: batched workers only
+
+            prepare_process(rt)
         app = make_client_app(cfg)
         store = state_store(cfg.simulation, share=workers)
         contexts = {node: resident_context(run_id, node, pid, num_nodes, store) for node, pid in partitions.items()}
@@ -206,7 +216,10 @@ def _worker(conn: Connection) -> None:
             return
         if kind == "train":  # the replies, and which of their clients now hold state
             batch = _deserialise_batch(blobs)
-            replies = [call_client_app(app, msg, contexts[msg.metadata.dst_node_id]) for msg in batch]
+            if batched:
+                replies = call_as_cohort(rt, app, batch, contexts)
+            else:
+                replies = [call_client_app(app, msg, contexts[msg.metadata.dst_node_id]) for msg in batch]
             holding = [m.metadata.dst_node_id for m in batch if not client_state(contexts[m.metadata.dst_node_id]).is_empty()]
             _send(conn, "replies", [json.dumps(holding).encode(), *_serialise_batch(replies)])
         elif kind == "release":  # clients moving to another worker (only stateless ones move)
