@@ -331,7 +331,7 @@ def validate(cfg: DictConfig) -> None:
     stop = cfg.simulation.get("stop_after_round")
     _require(stop is None or stop >= 1, "simulation.stop_after_round", "must be >= 1 or null", stop)
     _require(not (cfg.checkpoint_every or stop) or cfg.simulation.backend != "ray", "checkpoint_every",
-             "checkpoints need fedcomp's engines (inline, pool, batched): Flower's keep client state from the server", cfg.simulation.backend)
+             "checkpoints need fedcomp's engines (inline, pool, batched, batched_pool): Flower's keep client state from the server", cfg.simulation.backend)
     _require(cfg.eval_every >= 1, "eval_every", "must be >= 1", cfg.eval_every)
     t = cfg.target_accuracy
     _require(t is None or 0 < t <= 1, "target_accuracy", "must be in (0, 1] or null", t)
