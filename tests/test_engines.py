@@ -424,14 +424,15 @@ def test_a_fused_plan_steps_each_client_as_sgd_does(momentum):
     from fedcomp.fl.local import LocalSGD
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Sequential(nn.Linear(4, 6), nn.GELU()), nn.LayerNorm(6), nn.Flatten(), nn.Linear(18, 3, bias=False))
+    model = nn.Sequential(nn.Sequential(nn.Linear(4, 6), nn.ReLU(inplace=True)), nn.LayerNorm(6), nn.Flatten(), nn.Linear(18, 6, bias=False),
+                          nn.GELU(), nn.Linear(6, 3))
     clients = [[torch.randn_like(p) for p in model.parameters()] for _ in range(3)]
     x, y = torch.randn(3, 5, 3, 4), torch.randint(0, 3, (3, 5))
     lr, weight_decay = 0.1, 0.01
     names = [n for n, _ in model.named_parameters()]
     params = {n: torch.stack([c[i] for c in clients]) for i, n in enumerate(names)}
     plan, sgd = fused_plan(model), SGD(lr, momentum, weight_decay)
-    assert plan.stepped == {"0.0.weight", "0.0.bias", "3.weight"}
+    assert plan.stepped == {"0.0.weight", "0.0.bias", "3.weight", "5.weight", "5.bias"}
     for name in plan.stepped ^ set(names):
         params[name].requires_grad_()
     with torch.no_grad():
@@ -466,6 +467,13 @@ def test_fused_steps_apply_only_where_each_layer_runs_once_in_sequence():
     assert fused_plan(nn.Sequential(shared, nn.ReLU(), shared)) is None
     assert fused_plan(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU())) is None
     assert fused_plan(nn.ModuleList([nn.Linear(4, 4)])) is None
+
+    class Residual(nn.Sequential):
+        def forward(self, x):
+            return x + super().forward(x)
+
+    assert fused_plan(Residual(nn.Linear(4, 4))) is None
+    assert fused_plan(nn.Sequential(Residual(nn.Linear(4, 4)), nn.Linear(4, 2))).stepped == {"1.weight", "1.bias"}
 
 
 def test_batched_client_rounds_take_turns_on_the_engines_thread(fast_cfg, tmp_path, monkeypatch):

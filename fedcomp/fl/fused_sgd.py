@@ -136,18 +136,24 @@ class FusedPlan:
         return out.reshape(*h.shape[:-1], out.shape[-1])
 
 
+def _applies_in_order(module: nn.Module) -> bool:
+    """A Sequential that applies its modules in order (not a subclass with a forward of its own)."""
+    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+
+
 def _leaves(model: nn.Module) -> list[nn.Module]:
     """The modules a Sequential applies in order, nested Sequentials flattened."""
     out = []
     for module in model:
-        out.extend(_leaves(module) if isinstance(module, nn.Sequential) else [module])
+        out.extend(_leaves(module) if _applies_in_order(module) else [module])
     return out
 
 
 def fused_plan(model: nn.Module) -> FusedPlan | None:
-    """The fused plan for ``model``, or None where the model is not a Sequential, has no
-    Linear layer, or applies a module twice (a shared layer's step needs its summed gradient)."""
-    if not isinstance(model, nn.Sequential):
+    """The fused plan for ``model``, or None where the model is not a Sequential applying its
+    modules in order, has no Linear layer, or applies a module or parameter twice (a shared
+    layer's step needs its summed gradient)."""
+    if not _applies_in_order(model):
         return None
     leaves = _leaves(model)
     if len({id(m) for m in leaves}) < len(leaves) or not any(type(m) is nn.Linear for m in leaves):
@@ -161,6 +167,6 @@ def fused_plan(model: nn.Module) -> FusedPlan | None:
 def cohort_losses(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Each client's mean cross-entropy over its batch (``logits``: clients, rows, classes).
     Computed outside vmap: under vmap ``cross_entropy`` runs a Python decomposition whose first
-    call imports sympy (about 0.5 s)."""
+    call imports sympy (a run's first cohort took 0.32 s with it, 0.008 s without)."""
     flat = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none")
     return flat.view(y.shape[0], -1).mean(1)
