@@ -32,6 +32,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from fedcomp.fl.local import sgd_step_
+
 
 @dataclass
 class SGD:
@@ -44,14 +46,10 @@ class SGD:
     buffers: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def step_(self, name: str, p: torch.Tensor, grad: torch.Tensor) -> None:
-        """Step ``p`` in place from its gradient."""
-        d = grad if self.weight_decay == 0 else grad.add(p, alpha=self.weight_decay)
-        if self.momentum != 0:
-            if name in self.buffers:
-                d = self.buffers[name].mul_(self.momentum).add_(d)
-            else:
-                d = self.buffers[name] = torch.clone(d)
-        p.add_(d, alpha=-self.lr)
+        """Step ``p`` in place from its gradient (``sgd_step_``, the sequential loop's step)."""
+        buf = sgd_step_(p, grad, self.buffers.get(name), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        if buf is not None:
+            self.buffers[name] = buf
 
     def step_product_(self, name: str, p: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         """Step ``p`` in place from the gradient ``a @ b`` (batched), never stored."""

@@ -44,6 +44,22 @@ def batches(indices: torch.Tensor, *, total: int, batch_size: int, generator: to
             done += 1
 
 
+def sgd_step_(p: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor | None, *, lr: float, momentum: float,
+              weight_decay: float) -> torch.Tensor | None:
+    """One SGD step of ``p`` in place (``torch.optim.SGD``'s single-tensor arithmetic, no
+    dampening, no Nesterov): d = grad + wd p; with momentum, buf <- mu buf + d (a copy of d at
+    the first step, ``buf`` None) and d = buf; p <- p - lr d. Returns the momentum buffer."""
+    d = grad if weight_decay == 0 else grad.add(p, alpha=weight_decay)
+    if momentum != 0:
+        if buf is None:
+            buf = torch.clone(d).detach()
+        else:
+            buf.mul_(momentum).add_(d)
+        d = buf
+    p.add_(d, alpha=-lr)
+    return buf
+
+
 class LocalSGD:
     """SGD with momentum and weight decay (no dampening, no Nesterov): the arithmetic of
     ``torch.optim.SGD``'s single-tensor path, step for step and bit for bit (tested), written
@@ -65,17 +81,8 @@ class LocalSGD:
     @torch.no_grad()
     def step(self) -> None:
         for i, p in enumerate(self.params):
-            if p.grad is None:
-                continue
-            d = p.grad if self.weight_decay == 0 else p.grad.add(p, alpha=self.weight_decay)
-            if self.momentum != 0:
-                buf = self.buffers[i]
-                if buf is None:
-                    buf = self.buffers[i] = torch.clone(d).detach()
-                else:
-                    buf.mul_(self.momentum).add_(d)
-                d = buf
-            p.add_(d, alpha=-self.lr)
+            if p.grad is not None:
+                self.buffers[i] = sgd_step_(p, p.grad, self.buffers[i], lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
 
 
 def train_local(
