@@ -311,8 +311,8 @@ def test_engines_agree_on_cuda(fast_cfg, tmp_path, extra):
     close_runs(tmp_path / "inline", tmp_path / "batched")
 
 
-def test_cohort_training_returns_detached_parameters(fast_cfg):
-    """The trained parameters carry no autograd history into compression and the wire."""
+def test_cohort_training_returns_detached_updates(fast_cfg):
+    """The updates carry no autograd history into compression and the wire."""
     from fedcomp.fl.batched import train_cohort
     from fedcomp.fl.cohort import TrainingRequest
     from fedcomp.fl.runtime import get_runtime
@@ -321,7 +321,7 @@ def test_cohort_training_returns_detached_parameters(fast_cfg):
     w = rt.layout.flatten(rt.new_model())
     requests = [TrainingRequest(w, rt.client_indices(c), c, rt.local_training, None) for c in range(2)]
     train_cohort(rt, requests)
-    assert all(r.trained is not None and not r.trained.requires_grad for r in requests)
+    assert all(r.update is not None and not r.update.requires_grad for r in requests)
 
 
 def test_cohort_results_are_unstacked_alike_in_one_copy_and_client_by_client(fast_cfg, monkeypatch):
@@ -336,14 +336,14 @@ def test_cohort_results_are_unstacked_alike_in_one_copy_and_client_by_client(fas
     rt = get_runtime(fast_cfg())
     w = rt.layout.flatten(rt.new_model())
 
-    def trained() -> list[torch.Tensor]:
+    def updates() -> list[torch.Tensor]:
         requests = [TrainingRequest(w, rt.client_indices(c), c, rt.local_training, None) for c in range(3)]
         batched.train_cohort(rt, requests)
-        return [r.trained for r in requests]
+        return [r.update for r in requests]
 
-    in_one_copy = trained()
+    in_one_copy = updates()
     monkeypatch.setattr(batched, "_ONE_COPY_BYTES", 0)
-    client_by_client = trained()
+    client_by_client = updates()
     assert all(torch.equal(a, b) for a, b in zip(in_one_copy, client_by_client))
 
 
@@ -376,7 +376,7 @@ def test_cohort_training_equals_the_sequential_loop_with_carried_momentum(fast_c
         rt.layout.load(rt.model, w)
         train_local(rt.model, rt.train.x, rt.train.y, rt.client_indices(c), generator=torch.Generator().manual_seed(c),
                     momentum_buffers=buffers, **training)
-        torch.testing.assert_close(request.trained, rt.layout.flatten(rt.model), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(request.update, rt.layout.flatten(rt.model) - w, rtol=1e-5, atol=1e-6)
         for name, buf in buffers.items():
             assert request.buffers[name].is_contiguous()
             torch.testing.assert_close(request.buffers[name], buf, rtol=1e-5, atol=1e-6)
@@ -409,7 +409,7 @@ def test_cohort_training_with_fused_linear_steps_equals_the_sequential_loop(fast
         rt.layout.load(rt.model, w)
         loss = train_local(rt.model, rt.train.x, rt.train.y, rt.client_indices(c), generator=torch.Generator().manual_seed(c),
                            **training)
-        torch.testing.assert_close(request.trained, rt.layout.flatten(rt.model), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(request.update, rt.layout.flatten(rt.model) - w, rtol=1e-5, atol=1e-6)
         assert request.loss == pytest.approx(loss, rel=1e-6)
 
 
@@ -548,7 +548,7 @@ def test_pool_sends_a_value_shared_by_several_messages_once():
 @pytest.mark.parametrize("extra", [(), ("compressor=topk_bidirectional", "simulation.fraction=0.75")], ids=["model", "delta"])
 def test_a_broadcast_is_decoded_once_per_process_and_changes_nothing(fast_cfg, tmp_path, monkeypatch, extra):
     """Every client of a round gets the same downlink bytes: the process decodes them once and
-    hands each client its own copy; the run is the one where every client decodes."""
+    hands every client that vector to read; the run is the one where every client decodes."""
     from fedcomp.compression.base import Compressor
     from fedcomp.fl.runtime import Runtime
 
@@ -573,9 +573,54 @@ def test_a_broadcast_is_decoded_once_per_process_and_changes_nothing(fast_cfg, t
     run_experiment(cfg, tmp_path / "each")
     same_run(tmp_path / "shared", tmp_path / "each")
 
+
+def test_rounds_read_the_shared_broadcast_and_hooks_get_a_copy(fast_cfg, tmp_path, monkeypatch):
+    """Clients load and subtract the round's one decoded model in place and never write it; a
+    client algorithm's gradient hook, anybody's code, gets a copy of its own to change."""
+    from fedcomp.fl.algorithms import ClientAlgorithm
+    from fedcomp.fl.runtime import Runtime
+
+    seen = []
+
+    class Vandal(ClientAlgorithm):
+        def grad_hook(self, model, layout, w_global, state, extras):
+            rt = get_runtime(cfg)
+            seen.append(w_global is rt._last_shared[3])
+            w_global.add_(1.0)
+            return None
+
+    cfg = fast_cfg("num_rounds=2")
+    run_experiment(cfg, tmp_path / "plain")
     rt = get_runtime(cfg)
-    down, expect = rt.compressor("down"), ((rt.layout.numel,), torch.float32)
-    payload = down.compress(torch.randn(rt.layout.numel))
-    a = original(rt, down, payload, expect)
-    a.add_(1.0)  # one client's copy changed: the next client's is not
-    assert torch.equal(original(rt, down, payload, expect), down.decompress(payload, *expect))
+    codec, expect, payload, decoded = rt._last_shared
+    assert torch.equal(decoded, codec.decompress(payload, *expect))  # the last round's clients left it as decoded
+    monkeypatch.setattr(Runtime, "algorithm", property(lambda self: Vandal()))
+    run_experiment(cfg, tmp_path / "vandal")
+    assert seen and not any(seen)
+    same_run(tmp_path / "plain", tmp_path / "vandal")
+
+
+def test_clients_train_the_scratch_model_through_its_flat_vector(fast_cfg, tmp_path, monkeypatch):
+    """The runtime's scratch model is bound to one vector (loading a client's model is one copy,
+    its update one subtraction); a model that cannot be bound trains through the layout's
+    tensor-by-tensor copies, to the same run."""
+    from fedcomp.fl import runtime
+    from fedcomp.models import StateLayout
+
+    def fresh_runtimes() -> None:
+        runtime._runtime.cache_clear()
+        runtime._BY_ID.clear()
+
+    cfg = fast_cfg("num_rounds=2")
+    rt = get_runtime(cfg)
+    assert rt._flat is not None
+    assert all(p.untyped_storage().data_ptr() == rt._flat.untyped_storage().data_ptr() for p in rt.model.parameters())
+    run_experiment(cfg, tmp_path / "bound")
+    fresh_runtimes()
+    monkeypatch.setattr(StateLayout, "bind", lambda self, model: None)
+    try:
+        assert get_runtime(cfg)._flat is None
+        run_experiment(cfg, tmp_path / "unbound")
+    finally:
+        fresh_runtimes()
+    same_run(tmp_path / "bound", tmp_path / "unbound")

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 
 import torch
+
+from fedcomp.vectors import all_finite
 
 
 class Compressor(ABC):
@@ -66,15 +67,6 @@ class Compressor(ABC):
         (DGC's momentum correction) takes it and returns True, and the client then trains
         without optimizer momentum. Others return False."""
         return False
-
-
-def all_finite(x: torch.Tensor) -> bool:
-    """No NaN or Inf in ``x``. One min/max reduction (NaN propagates through both): an order of
-    magnitude faster than ``isfinite(x).all()``, which builds a boolean copy first."""
-    if not x.is_floating_point() or x.numel() == 0:
-        return True
-    low, high = torch.aminmax(x)
-    return math.isfinite(low.item()) and math.isfinite(high.item())  # Python floats: no 0-d tensor ops
 
 
 def check_finite(x: torch.Tensor) -> None:

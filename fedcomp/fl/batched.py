@@ -161,7 +161,7 @@ def _train_group(rt: Runtime, group: list[TrainingRequest]) -> None:
             for row, value in zip(target, stacked):
                 row.copy_(value)
     for i, request in enumerate(group):
-        request.trained = trained[i]
+        request.update = trained[i].sub_(request.w.to(device))
         request.loss = float(loss_sum[i]) / max(len(steps), 1)
         if carried:
             for name, buf in buffers.items():

@@ -20,6 +20,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from omegaconf import DictConfig
 
+from fedcomp import vectors
 from fedcomp.config import compose_config
 from fedcomp.fl import messages as M
 from fedcomp.fl.client_round import apply_resets, client_seed, open_payload, reply, train_round, uplink_compressor
@@ -30,15 +31,16 @@ from fedcomp.fl.runtime import Runtime, get_runtime
 
 
 def receive_model(rt: Runtime, down: ConfigRecord, state: ClientState) -> torch.Tensor:
-    """The global model this client now holds, from the downlink record (see strategy docs).
-    Payloads must describe the model's flat float32 vector."""
+    """The global model this client now holds, from the downlink record (see strategy docs),
+    to read: under ``downlink: model`` it is the round's one decoded vector every client shares
+    (``Runtime.decode_shared``). Payloads must describe the model's flat float32 vector."""
     kind, version = down[M.KIND], int(down[M.VERSION])
     expect = ((rt.layout.numel,), torch.float32)
     payload = open_payload(rt, down)
     if kind == M.MODEL:
         return rt.decode_shared(rt.compressor("down"), payload, expect)
     if kind == M.FULL:
-        replica = rt.decode_shared(rt.full_codec, payload, expect)
+        replica = vectors.clone(rt.decode_shared(rt.full_codec, payload, expect))
     elif kind == M.DELTA:
         held = state.number(M.REPLICA_VERSION)
         if held != version - 1:
@@ -56,7 +58,7 @@ def train_on_client(cfg: DictConfig, msg: Message, context: Context) -> Message:
     rt = get_runtime(cfg)
     partition_id = int(context.node_config["partition-id"])
     config = msg.content[M.CONFIG]
-    seed = client_seed(cfg, config, partition_id)
+    seed = client_seed(rt.seed, config, partition_id)
     state = client_state(context, rt.reduced_state)
     apply_resets(state, config)
     if M.HGC in msg.content:

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
-from omegaconf import DictConfig
 
+from fedcomp import vectors
 from fedcomp.compression import Compressor
 from fedcomp.fl import messages as M
 from fedcomp.fl.algorithms import ClientAlgorithm
@@ -94,11 +94,13 @@ def train_round(
     indices = rt.client_indices(partition_id)
     n = len(indices)
     steps = local_steps(n, epochs=training["epochs"], steps=training["steps"], batch_size=training["batch_size"])
-    hook = rt.algorithm.grad_hook(rt.model, rt.layout, w, state, extras)
+    # ``w`` may be the round's shared broadcast (receive_model): a client algorithm's hook gets a copy.
+    hooked = type(rt.algorithm).grad_hook is not ClientAlgorithm.grad_hook
+    hook = rt.algorithm.grad_hook(rt.model, rt.layout, vectors.clone(w) if hooked else w, state, extras)
     result = local_training(rt, TrainingRequest(w, indices, seed, training, buffers), hook)
     if buffers is not None:
         state.put(M.OPT_STATE, buffers)
-    update = result.trained - w.to(result.trained.device)
+    update = result.update
     samples = samples_trained(n, epochs=training["epochs"], steps=training["steps"], batch_size=training["batch_size"])
     # The update stays on the training device for the compressor; a client algorithm that keeps
     # state from it (SCAFFOLD's c_i, in the CPU state store) gets a CPU copy.
@@ -108,6 +110,7 @@ def train_round(
     return LocalResult(update, result.loss, result.compute_s, n, samples, mean_gradient_sq_norm(update, n, training), up_extras)
 
 
-def client_seed(cfg: DictConfig, config: ConfigRecord, partition_id: int) -> int:
-    """One seed per (run, round, client): batches and compressor randomness, whichever process runs it."""
-    return int(np.random.SeedSequence([cfg.seed, int(config[M.ROUND]), partition_id]).generate_state(1)[0])
+def client_seed(run_seed: int, config: ConfigRecord, partition_id: int) -> int:
+    """One seed per (run, round, client): batches and compressor randomness, whichever process
+    runs it. ``run_seed``: the config's ``seed``."""
+    return int(np.random.SeedSequence([run_seed, int(config[M.ROUND]), partition_id]).generate_state(1)[0])

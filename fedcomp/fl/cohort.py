@@ -34,7 +34,7 @@ class TrainingRequest:
     seed: int
     training: dict
     buffers: dict[str, torch.Tensor] | None
-    trained: torch.Tensor | None = None  # flat parameters after training, on the training device
+    update: torch.Tensor | None = None  # flat parameters after training minus w, on the training device
     loss: float = 0.0
     compute_s: float = 0.0
 
@@ -54,10 +54,10 @@ def local_training(rt: Runtime, request: TrainingRequest, grad_hook: Callable[[n
     if park is not None and grad_hook is None:
         park(request)
         return request
-    rt.layout.load(rt.model, request.w)
+    rt.load_model(request.w)
     start = time.perf_counter()
     request.loss = train_local(rt.model, rt.train.x, rt.train.y, request.indices, generator=torch.Generator().manual_seed(request.seed),
                                momentum_buffers=request.buffers, grad_hook=grad_hook, **request.training)
     request.compute_s = time.perf_counter() - start
-    request.trained = rt.layout.flatten(rt.model)
+    request.update = rt.model_update(request.w)
     return request

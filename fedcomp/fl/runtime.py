@@ -14,6 +14,7 @@ from functools import cached_property, lru_cache
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from fedcomp import vectors
 from fedcomp.compression import Compressor, build
 from fedcomp.config import ConfigError
 from fedcomp.config.plugins import build_target
@@ -34,6 +35,9 @@ class Runtime:
     partition: Partition
     model: torch.nn.Module  # scratch model, reused for every local training run
     layout: StateLayout
+    # The scratch model's floating-point state as one vector its tensors are views of
+    # (``StateLayout.bind``); None when the model's state cannot be one float32 vector.
+    _flat: torch.Tensor | None = None
     _compressors: dict[str, Compressor] = field(default_factory=dict)
     _last_shared: tuple | None = None  # (codec, expect, payload, decoded): see decode_shared
 
@@ -48,9 +52,27 @@ class Runtime:
     def client_indices(self, partition_id: int) -> torch.Tensor:
         return torch.from_numpy(self.partition.indices[partition_id])
 
+    def load_model(self, w: torch.Tensor) -> None:
+        """Set the scratch model's floating-point state to the flat vector ``w``."""
+        if self._flat is None:
+            self.layout.load(self.model, w)
+        else:
+            vectors.copy_(self._flat, w)
+
+    def model_update(self, w: torch.Tensor) -> torch.Tensor:
+        """The scratch model's floating-point state minus the flat vector ``w``: a new vector on
+        the model's device."""
+        trained = self.layout.flatten(self.model) if self._flat is None else self._flat
+        return trained - w.to(trained.device)
+
     def flat_model(self) -> torch.Tensor:
         """The scratch model's parameters as one CPU vector (what compressors and the wire see)."""
         return self.layout.flatten(self.model).cpu()
+
+    @cached_property
+    def seed(self) -> int:
+        """The run's seed (``cfg.seed``), read once: a DictConfig lookup is slow per client."""
+        return int(self.cfg.seed)
 
     @cached_property
     def local_training(self) -> dict:
@@ -75,15 +97,16 @@ class Runtime:
         """``codec.decompress(payload, *expect)`` for a payload every client of a round receives
         (the broadcast model, its step, a resync), decoded once per process: the in-process
         engines hand each client the same bytes object, which compares equal by identity, so
-        later clients pay a copy instead of a checksum and a decode. Each caller gets its own
-        copy. Under ``network.codec: measured`` every client decodes, since its measured time
-        is its simulated decode time."""
+        later clients pay nothing. Every caller gets the same tensor, to read: one that keeps
+        it or hands it to code fedcomp does not own keeps a copy (``vectors.clone``). Under
+        ``network.codec: measured`` every client decodes, since its measured time is its
+        simulated decode time."""
         if self.decode_each_broadcast:
             return codec.decompress(payload, *expect)
         last = self._last_shared
         if last is None or last[0] is not codec or last[1] != expect or last[2] != payload:
             last = self._last_shared = (codec, expect, payload, codec.decompress(payload, *expect))
-        return last[3].clone()
+        return last[3]
 
     @cached_property
     def training_flops(self) -> float:
@@ -160,8 +183,10 @@ def _runtime(cfg_yaml: str) -> Runtime:
     partition = make_partition(cfg.partition, train.y.numpy(), train.num_classes, cfg.simulation.num_clients, cfg.seed)
     train, test = _on(train, device), _on(test, device)
     model = build_model(cfg.model, train.input_shape, train.num_classes, cfg.seed).to(device)
+    layout = StateLayout.of(model)
+    flat = layout.bind(model)
     _warm_up(model, train)
-    return Runtime(cfg, train, test, partition, model, StateLayout.of(model))
+    return Runtime(cfg, train, test, partition, model, layout, flat)
 
 
 _BY_ID: dict[int, tuple[DictConfig, Runtime]] = {}

@@ -1,0 +1,28 @@
+import pytest
+import torch
+
+from fedcomp import vectors
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64, torch.bfloat16])
+def test_all_finite_finds_every_nan_and_inf(dtype):
+    x = torch.randn(1000).to(dtype)
+    assert vectors.all_finite(x) and vectors.all_finite(x[::3]) and vectors.all_finite(torch.zeros(0, dtype=dtype))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for at in (0, 517, 999):
+            y = x.clone()
+            y[at] = bad
+            assert not vectors.all_finite(y)
+    assert vectors.all_finite(torch.arange(5))  # integers are finite
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_copies_share_nothing(dtype):
+    x = torch.randn(2, 50).to(dtype)
+    y = vectors.clone(x[:, ::2])
+    assert torch.equal(y, x[:, ::2]) and y.is_contiguous()
+    y.add_(1)
+    assert not torch.equal(y, x[:, ::2])
+    dst = torch.zeros(2, 50, dtype=dtype)
+    assert vectors.copy_(dst, x) is dst and torch.equal(dst, x)
+    assert torch.equal(vectors.copy_(torch.zeros(100), torch.ones(100, dtype=torch.float64)), torch.ones(100))  # torch's casting copy
