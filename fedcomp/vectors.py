@@ -1,12 +1,22 @@
-"""Whole-vector passes of a client's round on the CPU (copies, the finiteness check), by numpy.
+"""Whole-vector passes of a client's round on the CPU (copies, the finiteness check), by numpy
+for vectors up to a size.
 
 A client round's glue between training and the wire -- taking the broadcast model, copying it
 into the scratch model, checking an update for NaN/Inf -- is a few passes over one model-sized
 vector, each after other Python work. torch runs such a pass on its OpenMP team, whose threads
-have gone to sleep by then (``GOMP_SPINCOUNT``, ``fedcomp/__init__.py``): waking them cost more
-than the pass. On the 2-core machine, for d = 199k float32 after 2 ms of other work, torch's
-clone took 68 us and numpy's copy 23 us; torch's ``aminmax`` 76 us and numpy's min and max
-23 us. Elsewhere (GPU tensors, dtypes numpy lacks) the same calls run in torch.
+have gone to sleep by then (``GOMP_SPINCOUNT``, ``fedcomp/__init__.py``): for a small vector
+waking them costs more than the pass. numpy runs it on the calling thread. Timed on the 2-core
+machine on data evicted from the caches, after 2 ms of other work (median of 40):
+
+| float32 entries | torch aminmax | numpy min, max | torch clone | numpy copy |
+|---|---|---|---|---|
+| 199k (mlp) | 187 us | 129 us | 200 us | 145 us |
+| 400k | 243 us | 212 us | 238 us | 277 us |
+| 800k | 307 us | 424 us | 374 us | 476 us |
+| 1.66M (cnn4) | 495 us | 905 us | 586 us | 970 us |
+
+Beyond about 300k entries the second thread's share of the memory traffic wins, so larger
+vectors (and GPU tensors, and dtypes numpy lacks) stay with torch.
 """
 
 from __future__ import annotations
@@ -17,11 +27,13 @@ import numpy as np
 import torch
 
 _NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
+NUMPY_MAX_NUMEL = 1 << 18  # 1 MB of float32: about where numpy's one thread stops winning (table above)
 
 
 def in_numpy(*xs: torch.Tensor) -> bool:
-    """Whether passes over ``xs`` run in numpy: CPU tensors of a float dtype numpy has."""
-    return all(x.device.type == "cpu" and x.dtype in _NUMPY_FLOATS for x in xs)
+    """Whether passes over ``xs`` run in numpy: CPU tensors of a float dtype numpy has, none
+    over ``NUMPY_MAX_NUMEL`` entries."""
+    return all(x.device.type == "cpu" and x.dtype in _NUMPY_FLOATS and x.numel() <= NUMPY_MAX_NUMEL for x in xs)
 
 
 def copy_(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:

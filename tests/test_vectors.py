@@ -4,8 +4,22 @@ import torch
 from fedcomp import vectors
 
 
+@pytest.fixture(params=["numpy", "torch"])
+def path(request, monkeypatch):
+    """Both ways of a pass: numpy (small CPU vectors) and torch (larger ones)."""
+    if request.param == "torch":
+        monkeypatch.setattr(vectors, "NUMPY_MAX_NUMEL", 0)
+    return request.param
+
+
+def test_small_cpu_float_vectors_go_to_numpy():
+    assert vectors.in_numpy(torch.zeros(vectors.NUMPY_MAX_NUMEL))
+    assert not vectors.in_numpy(torch.zeros(vectors.NUMPY_MAX_NUMEL + 1))
+    assert not vectors.in_numpy(torch.zeros(10, dtype=torch.bfloat16)) and not vectors.in_numpy(torch.zeros(10, dtype=torch.int64))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64, torch.bfloat16])
-def test_all_finite_finds_every_nan_and_inf(dtype):
+def test_all_finite_finds_every_nan_and_inf(dtype, path):
     x = torch.randn(1000).to(dtype)
     assert vectors.all_finite(x) and vectors.all_finite(x[::3]) and vectors.all_finite(torch.zeros(0, dtype=dtype))
     for bad in (float("nan"), float("inf"), float("-inf")):
@@ -17,7 +31,7 @@ def test_all_finite_finds_every_nan_and_inf(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_copies_share_nothing(dtype):
+def test_copies_share_nothing(dtype, path):
     x = torch.randn(2, 50).to(dtype)
     y = vectors.clone(x[:, ::2])
     assert torch.equal(y, x[:, ::2]) and y.is_contiguous()
