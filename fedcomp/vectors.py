@@ -1,9 +1,9 @@
-"""Whole-vector passes of a client's round on the CPU (copies, the finiteness check), by numpy
+"""Whole-vector passes of a client's round on the CPU (a copy, the finiteness check), by numpy
 for vectors up to a size.
 
-A client round's glue between training and the wire -- taking the broadcast model, copying it
-into the scratch model, checking an update for NaN/Inf -- is a few passes over one model-sized
-vector, each after other Python work. torch runs such a pass on its OpenMP team, whose threads
+A client round's glue between training and the wire -- copying the broadcast model, checking an
+update for NaN/Inf -- is a few passes over one model-sized vector, each after other Python
+work. torch runs such a pass on its OpenMP team, whose threads
 have gone to sleep by then (``GOMP_SPINCOUNT``, ``fedcomp/__init__.py``): for a small vector
 waking them costs more than the pass. numpy runs it on the calling thread. Timed on the 2-core
 machine on data evicted from the caches, after 2 ms of other work (median of 40):
@@ -34,15 +34,6 @@ def in_numpy(*xs: torch.Tensor) -> bool:
     """Whether passes over ``xs`` run in numpy: CPU tensors of a float dtype numpy has, none
     over ``NUMPY_MAX_NUMEL`` entries."""
     return all(x.device.type == "cpu" and x.dtype in _NUMPY_FLOATS and x.numel() <= NUMPY_MAX_NUMEL for x in xs)
-
-
-def copy_(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-    """``dst.copy_(src)``: by numpy for CPU tensors of one shape and float dtype, else by torch
-    (casting, broadcasting, across devices)."""
-    if in_numpy(dst, src) and dst.dtype == src.dtype and dst.shape == src.shape:
-        np.copyto(dst.detach().numpy(), src.detach().numpy())
-        return dst
-    return dst.copy_(src)
 
 
 def clone(x: torch.Tensor) -> torch.Tensor:

@@ -599,28 +599,3 @@ def test_rounds_read_the_shared_broadcast_and_hooks_get_a_copy(fast_cfg, tmp_pat
     assert seen and not any(seen)
     same_run(tmp_path / "plain", tmp_path / "vandal")
 
-
-def test_clients_train_the_scratch_model_through_its_flat_vector(fast_cfg, tmp_path, monkeypatch):
-    """The runtime's scratch model is bound to one vector (loading a client's model is one copy,
-    its update one subtraction); a model that cannot be bound trains through the layout's
-    tensor-by-tensor copies, to the same run."""
-    from fedcomp.fl import runtime
-    from fedcomp.models import StateLayout
-
-    def fresh_runtimes() -> None:
-        runtime._runtime.cache_clear()
-        runtime._BY_ID.clear()
-
-    cfg = fast_cfg("num_rounds=2")
-    rt = get_runtime(cfg)
-    assert rt._flat is not None
-    assert all(p.untyped_storage().data_ptr() == rt._flat.untyped_storage().data_ptr() for p in rt.model.parameters())
-    run_experiment(cfg, tmp_path / "bound")
-    fresh_runtimes()
-    monkeypatch.setattr(StateLayout, "bind", lambda self, model: None)
-    try:
-        assert get_runtime(cfg)._flat is None
-        run_experiment(cfg, tmp_path / "unbound")
-    finally:
-        fresh_runtimes()
-    same_run(tmp_path / "bound", tmp_path / "unbound")

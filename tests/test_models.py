@@ -43,32 +43,3 @@ def test_layout_round_trip_includes_float_buffers_only():
 def test_image_models_refuse_vector_input():
     with pytest.raises(ValueError, match="image input"):
         build_model(OmegaConf.create({"name": "cnn4"}), (32,), 10, 0)
-
-
-def test_a_bound_model_is_a_view_of_its_flat_vector():
-    """``StateLayout.bind``: parameters and float buffers (batch-norm statistics) become views
-    of one vector in layout order; writing either side shows on the other, and the model
-    computes as it did."""
-    model = build_model(OmegaConf.create({"name": "resnet18", "norm": "batch"}), (3, 32, 32), 10, 0)
-    layout = StateLayout.of(model)
-    before, x = layout.flatten(model), torch.randn(2, 3, 32, 32)
-    expected = model.eval()(x)
-    flat = layout.bind(model)
-    assert torch.equal(flat, before) and torch.equal(model(x), expected)
-    assert all(isinstance(p, torch.nn.Parameter) and p.requires_grad for p in model.parameters())
-    flat.copy_(torch.randn(layout.numel))
-    assert torch.equal(layout.flatten(model), flat)
-    model.train()(x).square().mean().backward()  # batch norm updates its running statistics in place
-    torch.optim.SGD(model.parameters(), lr=0.1).step()
-    assert torch.equal(layout.flatten(model), flat)
-    assert all(b.dtype == torch.int64 for n, b in model.named_buffers() if n.endswith("num_batches_tracked"))
-
-
-def test_bind_refuses_tied_and_non_float32_state():
-    tied = torch.nn.Sequential(torch.nn.Linear(4, 4, bias=False), torch.nn.Linear(4, 4, bias=False))
-    tied[1].weight = tied[0].weight
-    double = torch.nn.Linear(4, 2).double()
-    for model in (tied, double):
-        params = list(model.parameters())
-        assert StateLayout.of(model).bind(model) is None
-        assert all(a is b for a, b in zip(params, model.parameters()))

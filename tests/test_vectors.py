@@ -37,6 +37,3 @@ def test_copies_share_nothing(dtype, path):
     assert torch.equal(y, x[:, ::2]) and y.is_contiguous()
     y.add_(1)
     assert not torch.equal(y, x[:, ::2])
-    dst = torch.zeros(2, 50, dtype=dtype)
-    assert vectors.copy_(dst, x) is dst and torch.equal(dst, x)
-    assert torch.equal(vectors.copy_(torch.zeros(100), torch.ones(100, dtype=torch.float64)), torch.ones(100))  # torch's casting copy

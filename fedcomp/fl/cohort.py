@@ -54,7 +54,7 @@ def local_training(rt: Runtime, request: TrainingRequest, grad_hook: Callable[[n
     if park is not None and grad_hook is None:
         park(request)
         return request
-    rt.load_model(request.w)
+    rt.layout.load(rt.model, request.w)
     start = time.perf_counter()
     request.loss = train_local(rt.model, rt.train.x, rt.train.y, request.indices, generator=torch.Generator().manual_seed(request.seed),
                                momentum_buffers=request.buffers, grad_hook=grad_hook, **request.training)

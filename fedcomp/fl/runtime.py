@@ -14,7 +14,6 @@ from functools import cached_property, lru_cache
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fedcomp import vectors
 from fedcomp.compression import Compressor, build
 from fedcomp.config import ConfigError
 from fedcomp.config.plugins import build_target
@@ -35,9 +34,6 @@ class Runtime:
     partition: Partition
     model: torch.nn.Module  # scratch model, reused for every local training run
     layout: StateLayout
-    # The scratch model's floating-point state as one vector its tensors are views of
-    # (``StateLayout.bind``); None when the model's state cannot be one float32 vector.
-    _flat: torch.Tensor | None = None
     _compressors: dict[str, Compressor] = field(default_factory=dict)
     _last_shared: tuple | None = None  # (codec, expect, payload, decoded): see decode_shared
 
@@ -52,17 +48,10 @@ class Runtime:
     def client_indices(self, partition_id: int) -> torch.Tensor:
         return torch.from_numpy(self.partition.indices[partition_id])
 
-    def load_model(self, w: torch.Tensor) -> None:
-        """Set the scratch model's floating-point state to the flat vector ``w``."""
-        if self._flat is None:
-            self.layout.load(self.model, w)
-        else:
-            vectors.copy_(self._flat, w)
-
     def model_update(self, w: torch.Tensor) -> torch.Tensor:
         """The scratch model's floating-point state minus the flat vector ``w``: a new vector on
         the model's device."""
-        trained = self.layout.flatten(self.model) if self._flat is None else self._flat
+        trained = self.layout.flatten(self.model)
         return trained - w.to(trained.device)
 
     def flat_model(self) -> torch.Tensor:
@@ -183,10 +172,8 @@ def _runtime(cfg_yaml: str) -> Runtime:
     partition = make_partition(cfg.partition, train.y.numpy(), train.num_classes, cfg.simulation.num_clients, cfg.seed)
     train, test = _on(train, device), _on(test, device)
     model = build_model(cfg.model, train.input_shape, train.num_classes, cfg.seed).to(device)
-    layout = StateLayout.of(model)
-    flat = layout.bind(model)
     _warm_up(model, train)
-    return Runtime(cfg, train, test, partition, model, layout, flat)
+    return Runtime(cfg, train, test, partition, model, StateLayout.of(model))
 
 
 _BY_ID: dict[int, tuple[DictConfig, Runtime]] = {}

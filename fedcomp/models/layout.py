@@ -49,24 +49,3 @@ class StateLayout:
         with torch.no_grad():
             for name, chunk in zip(self.names, torch.split(flat, self.sizes)):
                 state[name].copy_(chunk.view_as(state[name]))
-
-    def bind(self, model: nn.Module) -> torch.Tensor | None:
-        """Back ``model``'s floating-point state with one float32 vector in this layout's order:
-        its parameters and buffers become views of the vector, so that loading a flat model into
-        it or reading one out is a single copy (``load`` and ``flatten`` go tensor by tensor
-        through ``state_dict``). Returns the vector, or None, leaving the model as it was, when
-        the state cannot be one vector: a tensor that is not float32, tensors on several devices,
-        or one tensor under two names (tied weights)."""
-        state = model.state_dict(keep_vars=True)
-        tensors = [state[name] for name in self.names]
-        if (any(t.dtype != torch.float32 for t in tensors) or len({t.device for t in tensors}) > 1
-                or len({id(t) for t in tensors}) < len(tensors)):
-            return None
-        flat = torch.empty(self.numel, device=tensors[0].device if tensors else None)
-        with torch.no_grad():
-            for name, tensor, chunk in zip(self.names, tensors, torch.split(flat, self.sizes)):
-                view = chunk.view_as(tensor).copy_(tensor)
-                owner, _, attr = name.rpartition(".")
-                module = model.get_submodule(owner)
-                setattr(module, attr, nn.Parameter(view, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else view)
-        return flat
