@@ -3,10 +3,10 @@ for vectors up to a size.
 
 A client round's glue between training and the wire -- copying the broadcast model, checking an
 update for NaN/Inf -- is a few passes over one model-sized vector, each after other Python
-work. torch runs such a pass on its OpenMP team, whose threads
-have gone to sleep by then (``GOMP_SPINCOUNT``, ``fedcomp/__init__.py``): for a small vector
-waking them costs more than the pass. numpy runs it on the calling thread. Timed on the 2-core
-machine on data evicted from the caches, after 2 ms of other work (median of 40):
+work. torch runs such a pass on its OpenMP team, whose threads have gone to sleep by then
+(``GOMP_SPINCOUNT``, ``fedcomp/__init__.py``): for a small vector waking them costs more than
+the pass. numpy runs it on the calling thread. Timed on the 2-core machine on data evicted from
+the caches, after 2 ms of other work (median of 40):
 
 | float32 entries | torch aminmax | numpy min, max | torch clone | numpy copy |
 |---|---|---|---|---|

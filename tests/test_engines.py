@@ -598,4 +598,3 @@ def test_rounds_read_the_shared_broadcast_and_hooks_get_a_copy(fast_cfg, tmp_pat
     run_experiment(cfg, tmp_path / "vandal")
     assert seen and not any(seen)
     same_run(tmp_path / "plain", tmp_path / "vandal")
-
