@@ -214,22 +214,20 @@ def main() -> None:
         for _ in range(args.repeat):  # interleaved, so that a slow spell of a shared machine hits every cell alike
             plain = run_cell(model, "fedavg", "plain", args.rounds, *federation)
             print(_format(plain, plain), flush=True)
-            runs.setdefault((model, "fedavg", "plain", *where), []).append(plain)
+            keep(runs, rows, (model, "fedavg", "plain", *where), plain)
             for method in args.methods:
                 for engine in args.engines:
                     row = run_cell(model, method, engine, args.rounds, *federation)
                     if "round_s" in row:  # against the plain loop measured just before
                         row["plain_round_s"], row["over_plain"] = plain["round_s"], row["round_s"] / plain["round_s"]
-                    runs.setdefault((model, method, engine, *where), []).append(row)
+                    keep(runs, rows, (model, method, engine, *where), row)
                     print(_format(row, plain), flush=True)
-        for key, reps in runs.items():
-            rows[key] = combine(reps)
+                    save(rows, memory, args.rounds, cohorts)  # each cell as it is done: a run cut short keeps them
         if args.repeat > 1:
             plain = rows[model, "fedavg", "plain", *where]
             print(f"median of {args.repeat} interleaved repeats:")
             for key in runs:
                 print(_format(rows[key], plain), flush=True)
-        save(rows, memory, args.rounds, cohorts)  # each model's cells, as soon as they are done
     save(rows, memory, args.rounds, cohorts)
     if args.memory or args.memory_only:
         done = {(r["method"], tuple(r.get("extra", ())), r.get("device", "cpu")): r for r in previous["memory"] if "error" not in r}
@@ -245,6 +243,12 @@ def main() -> None:
         print(f"{model}: plain loop {p['plain_gflops']:.1f} GFLOP/s = {100 * p['plain_of_sgemm']:.0f}% of sgemm ({p['sgemm_gflops']:.1f} GFLOP/s); "
               f"vmapped training alone {p['vmapped_training_over_plain']:.2f}x the plain loop")
     print(f"wrote {args.out}")
+
+
+def keep(runs: dict[tuple, list[dict]], rows: dict[tuple, dict], key: tuple, row: dict) -> None:
+    """Add one repeat of a cell; its row becomes the combination of the repeats so far."""
+    runs.setdefault(key, []).append(row)
+    rows[key] = combine(runs[key])
 
 
 def combine(reps: list[dict]) -> dict:

@@ -74,16 +74,22 @@ def test_compressors_work_on_cuda_tensors_and_give_the_cpu_payload(name, error_f
         b.load_state({k: v.cpu() for k, v in b.state().items()})
 
 
-@cuda
-def test_the_uplink_compressor_sees_the_update_on_the_training_device(fast_cfg, monkeypatch, tmp_path):
-    from fedcomp.compression.recipes import Recipe
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
+def test_the_uplink_compressor_sees_the_update_on_the_training_device(fast_cfg, monkeypatch, tmp_path, device):
+    from fedcomp.fl import client_app
     from fedcomp.fl.engine import run_experiment
 
     seen = []
-    original = Recipe.compress
-    monkeypatch.setattr(Recipe, "compress", lambda self, x: seen.append(x.device.type) or original(self, x))
-    run_experiment(fast_cfg("train.device=cuda", "compressor=topk", "compressor.up.error_feedback=true"), tmp_path)
-    assert seen and set(seen) == {"cuda"}
+    loaded = client_app.uplink_compressor
+
+    def spied(*args):  # the round's compressor, as the client's round gets it, whatever its class
+        up = loaded(*args)
+        monkeypatch.setattr(up, "compress", lambda x, compress=up.compress: seen.append(x.device.type) or compress(x))
+        return up
+
+    monkeypatch.setattr(client_app, "uplink_compressor", spied)
+    run_experiment(fast_cfg(f"train.device={device}", "compressor=topk", "compressor.up.error_feedback=true"), tmp_path)
+    assert seen and set(seen) == {device}
 
 
 @cuda

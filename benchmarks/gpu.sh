@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# What needs a CUDA machine, in one call (a lent GPU's time is short), each stage bounded:
+#   tests  the CUDA tests (tests/test_device.py, the engines on the GPU);
+#   cuda   the scale table with train.device=cuda (plain loop, inline, batched, pool workers sharing the GPU);
+#   cpu    the scale table on the CPU at all of the machine's cores (pool: one worker per core).
+# Usage: benchmarks/gpu.sh OUT_DIR [STAGE ...]   (default: tests cuda cpu; PYTHON picks the interpreter)
+set -u
+out=${1:?usage: benchmarks/gpu.sh OUT_DIR [tests] [cuda] [cpu]}
+shift
+py=${PYTHON:-python3}
+rounds=${ROUNDS:-5}
+mkdir -p "$out"
+status=0
+for stage in "${@:-tests cuda cpu}"; do
+  for s in $stage; do
+    case $s in
+      tests) timeout 240 "$py" -m pytest -q -p no:cacheprovider -rs --timeout 180 tests/test_device.py \
+               tests/test_engines.py::test_engines_agree_on_cuda 2>&1 | tee "$out/tests.log" ;;
+      cuda) timeout 300 "$py" benchmarks/scale.py --device cuda --rounds "$rounds" --engines inline batched pool \
+              --out "$out/scale_cuda.json" 2>&1 | tee "$out/scale_cuda.log" ;;
+      cpu) timeout 300 "$py" benchmarks/scale.py --rounds "$rounds" --methods fedavg 'topk1%+ef' \
+             --engines inline pool batched batched_pool --out "$out/scale_cpu.json" 2>&1 | tee "$out/scale_cpu.log" ;;
+      *) echo "unknown stage $s" >&2; exit 2 ;;
+    esac
+    status=$((status | PIPESTATUS[0]))
+  done
+done
+exit $status
