@@ -155,7 +155,8 @@ def _in_process(cfg, engine: str) -> dict:
         wall = [json.loads(line)["wall_time_s"] for line in Path(tmp, "metrics.jsonl").read_text().splitlines()]
     per_round = [b - a for a, b in zip([0.0] + wall, wall)]
     holders = grid.store.owners
-    result = {"round_s": statistics.median(per_round[1:-1]) if len(per_round) > 2 else per_round[-1], "startup_s": total - sum(per_round),
+    result = {"round_s": statistics.median(per_round[1:-1]) if len(per_round) > 2 else per_round[-1], "rounds_s": per_round,
+              "startup_s": total - sum(per_round),
               "state_mb_per_client": grid.store.state_bytes / max(holders, 1) / 2**20, "clients_with_state": holders,
               "state_gb": grid.store.state_bytes / 2**30}
     grid.close()
