@@ -5,11 +5,11 @@ The cell runs in this process with timers around the round's pieces: the server'
 client's ``receive_model``, ``uplink_compressor`` (its state loaded), ``compress``, the gradient
 norm and ``reply``; and the training (``local_training`` per client inline, ``train_cohort`` per
 cohort batched). "Flower and the rest" is the round minus all of these: Messages, Contexts, the
-state store, the engines' turns. FedAvg and top-k + EF (HGC's two exchanges a round take other
-paths). Per phase: ms per round (median over rounds 2..R-1) and, on a
-GPU, the implicit device synchronisations a round (``torch.cuda.set_sync_debug_mode``), each
-timed call being bracketed by ``torch.cuda.synchronize`` so that device work is charged to the
-phase that queued it (which costs a little time of its own).
+state store, the engines' turns. FedAvg and top-k + EF only: HGC's two exchanges a round take
+other paths. Per phase: ms per round (median over rounds 2..R-1) and, on a GPU, the implicit
+device synchronisations a round (``torch.cuda.set_sync_debug_mode``). On a GPU each timed call is
+bracketed by ``torch.cuda.synchronize``, so that device work is charged to the phase that queued
+it (the synchronisations cost a little time of their own).
 
     python benchmarks/phases.py [--model mlp] [--method fedavg] [--engine batched] [--rounds 6] [--device cuda] [--out FILE]
 
