@@ -84,7 +84,8 @@ def test_the_uplink_compressor_sees_the_update_on_the_training_device(fast_cfg, 
 
     def spied(*args):  # the round's compressor, as the client's round gets it, whatever its class
         up = loaded(*args)
-        monkeypatch.setattr(up, "compress", lambda x, compress=up.compress: seen.append(x.device.type) or compress(x))
+        compress = type(up).compress.__get__(up)  # the class's, not a spy left by an earlier round
+        monkeypatch.setattr(up, "compress", lambda x: seen.append(x.device.type) or compress(x))
         return up
 
     monkeypatch.setattr(client_app, "uplink_compressor", spied)
