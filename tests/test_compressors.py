@@ -5,9 +5,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedcomp.compression import PayloadError, build, registered
-from fedcomp.compression.base import all_finite
 from fedcomp.compression.selectors import _top_k_torch, budget, optimal_probabilities, top_k_indices
 from fedcomp.config.compose import CONF_DIR
+from fedcomp.vectors import all_finite
 
 ALL = registered()
 SHAPES = st.lists(st.integers(0, 9), min_size=0, max_size=3)

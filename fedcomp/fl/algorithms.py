@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from fedcomp.compression import build
-from fedcomp.compression.base import all_finite
 from fedcomp.fl import messages as M
+from fedcomp.vectors import all_finite
 from fedcomp.wire import PayloadError
 
 CONTROL = "control"  # SCAFFOLD's c (down) and dc_i (up)

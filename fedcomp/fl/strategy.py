@@ -49,7 +49,6 @@ from flwr.serverapp.strategy import Strategy
 
 from fedcomp.allocation.controllers import History, RatioController
 from fedcomp.compression import Compressor, build
-from fedcomp.compression.base import all_finite
 from fedcomp.config.checks import check_signature
 from fedcomp.config.schema import ConfigError
 from fedcomp.fl import messages as M
@@ -60,6 +59,7 @@ from fedcomp.metrics import ClientRound, RoundStats
 from fedcomp.metrics.records import Failure
 from fedcomp.models import StateLayout
 from fedcomp.network.system import ClientWork, SystemModel, Timeline
+from fedcomp.vectors import all_finite
 from fedcomp.wire import PayloadError, Seal, frame_codec
 
 DOWNLINK_MODES = ("model", "update")
