@@ -413,6 +413,25 @@ def test_cohort_training_with_fused_linear_steps_equals_the_sequential_loop(fast
         assert request.loss == pytest.approx(loss, rel=1e-6)
 
 
+def test_a_cohort_of_clients_starting_from_different_models_trains_each_from_its_own(fast_cfg):
+    """Clients of one cohort holding different models (HGC's stale replicas): each is stacked
+    from its own vector, not from the round's shared broadcast."""
+    from fedcomp.fl.batched import train_cohort
+    from fedcomp.fl.cohort import TrainingRequest
+    from fedcomp.fl.local import train_local
+
+    rt = get_runtime(fast_cfg("model=cnn4", "model.channels=[4,8]", "model.hidden=16"))
+    w = rt.layout.flatten(rt.new_model())
+    starts = [w, w + 0.01 * torch.randn_like(w), w]  # two clients share a vector, one does not
+    shard = rt.client_indices(0)  # one shard size: one group, trained as one computation
+    requests = [TrainingRequest(start, shard, c, rt.local_training, None) for c, start in enumerate(starts)]
+    train_cohort(rt, requests)
+    for c, (start, request) in enumerate(zip(starts, requests)):
+        rt.layout.load(rt.model, start)
+        train_local(rt.model, rt.train.x, rt.train.y, shard, generator=torch.Generator().manual_seed(c), **rt.local_training)
+        torch.testing.assert_close(request.update, rt.layout.flatten(rt.model) - start, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_a_fused_plan_steps_each_client_as_sgd_does(momentum):
     """Any Sequential: nested, a Linear on 3-d per-client inputs, one without bias, elementwise

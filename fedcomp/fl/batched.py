@@ -160,12 +160,17 @@ def _train_group(rt: Runtime, group: list[TrainingRequest]) -> None:
         else:
             for row, value in zip(target, stacked):
                 row.copy_(value)
+    # One transfer each for the round's broadcast (shared by the clients), the losses and every
+    # momentum buffer, not one per client: on a GPU each was a synchronisation per client.
+    bases = {id(r.w): r.w for r in group}
+    bases = {key: w.to(device) for key, w in bases.items()}
+    totals = loss_sum.tolist()
+    held = {name: buf.cpu() for name, buf in buffers.items()} if carried else {}
     for i, request in enumerate(group):
-        request.update = trained[i].sub_(request.w.to(device))
-        request.loss = float(loss_sum[i]) / max(len(steps), 1)
-        if carried:
-            for name, buf in buffers.items():
-                request.buffers[name] = buf[i].cpu().clone(memory_format=torch.contiguous_format)
+        request.update = trained[i].sub_(bases[id(request.w)])
+        request.loss = totals[i] / max(len(steps), 1)
+        for name, buf in held.items():
+            request.buffers[name] = buf[i].clone(memory_format=torch.contiguous_format)
 
 
 _ONE_COPY_BYTES = 1 << 20  # a parameter up to this size per client is unstacked in one copy (see _train_group)
@@ -183,8 +188,15 @@ def _stacked(name: str, chunks: tuple[torch.Tensor, ...], shape: tuple[int, ...]
     strides = _GRADIENT_STRIDES.get((name, size)) if gradient_layout else None
     out = torch.empty(size, dtype=chunks[0].dtype, device=device) if strides is None else \
         torch.empty_strided(size, strides, dtype=chunks[0].dtype, device=device)
-    for slot, chunk in zip(out, chunks):
-        slot.copy_(chunk.reshape(shape))
+    first = chunks[0]
+    if all(c.data_ptr() == first.data_ptr() and c.device == first.device for c in chunks):
+        # Every client starts from the round's one broadcast: one copy (one transfer to a GPU)
+        # of it, broadcast over the clients. On the CPU too it beat the copy per client:
+        # 0.67 against 0.94-1.0 ms for the mlp's 50 x (200 x 784) weights.
+        out.copy_(first.reshape(shape).to(device).expand(size))
+    else:
+        for slot, chunk in zip(out, chunks):
+            slot.copy_(chunk.reshape(shape))
     return out
 
 
