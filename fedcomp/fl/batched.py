@@ -259,7 +259,7 @@ class _Turns:
     pool is the run's own one team, as on the inline engine. A thread per client gave every
     client thread a team of its own (libgomp keeps one per calling thread), and with the many
     idle teams libgomp cut its spinning: the mlp's batched round took 1.3-1.9x as long
-    (``benchmarks/scale.py``, README "Benchmarks")."""
+    (``benchmarks/scale.py``, ``benchmarks/NOTES.md``)."""
 
     def run(self, jobs: list, train) -> list[Message]:
         results: list[Message | None] = [None] * len(jobs)
