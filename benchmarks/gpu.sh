@@ -20,7 +20,7 @@ for stage in "${@:-tests cuda phases cpu}"; do
                tests/test_engines.py::test_engines_agree_on_cuda 2>&1 | tee "$out/tests.log" ;;
       cuda) timeout 300 "$py" benchmarks/scale.py --device cuda --rounds "$rounds" --engines inline batched pool \
               --out "$out/scale_cuda.json" 2>&1 | tee "$out/scale_cuda.log" ;;
-      phases) for cell in "mlp fedavg" "mlp topk1%+ef" "cnn4 fedavg" "cnn4 topk1%+ef"; do
+      phases) for cell in "mlp fedavg" "mlp topk1%+ef" "mlp hgc" "cnn4 fedavg" "cnn4 topk1%+ef"; do
                 set -- $cell
                 timeout 120 "$py" benchmarks/phases.py --model "$1" --method "$2" --engine batched --device "${PHASES_DEVICE:-cuda}" \
                   --out "$out/phases-$1-${2%%%*}.json" 2>&1 | tee -a "$out/phases.log"

@@ -4,9 +4,11 @@ The cell runs in this process with timers around the round's pieces: the server'
 ``configure_train``, ``receive`` (each reply's checks and decoding) and ``aggregate``; the
 client's ``receive_model``, ``uplink_compressor`` (its state loaded), ``compress``, the gradient
 norm and ``reply``; and the training (``local_training`` per client inline, ``train_cohort`` per
-cohort batched). "Flower and the rest" is the round minus all of these: Messages, Contexts, the
-state store, the engines' turns. FedAvg and top-k + EF only: HGC's two exchanges a round take
-other paths. Per phase: ms per round (median over rounds 2..R-1) and, on a GPU, the implicit
+cohort batched). HGC's client round is its own: ``synchronise`` (the relay: the replica, the
+predictor and the velocity brought to the server's version), ``encode_update`` (its compress) and
+``reply``; its ``configure_train`` includes the mask owner's exchange, whose timed pieces count
+under their own names. "Flower and the rest" is the round minus all of these: Messages, Contexts,
+the state store, the engines' turns. Per phase: ms per round (median over rounds 2..R-1) and, on a GPU, the implicit
 device synchronisations a round (``torch.cuda.set_sync_debug_mode``). On a GPU each timed call is
 bracketed by ``torch.cuda.synchronize``, so that device work is charged to the phase that queued
 it (the synchronisations cost a little time of their own).
@@ -36,7 +38,8 @@ RESULTS = Path(__file__).parent / "results" / "phases.json"
 
 
 class Phases:
-    """Seconds and implicit device synchronisations per (round, phase)."""
+    """Seconds and implicit device synchronisations per (round, phase). A phase's time excludes
+    the timed phases it calls (HGC's ``configure_train`` runs the mask owner's whole round)."""
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
@@ -44,49 +47,63 @@ class Phases:
         self.seconds: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         self.syncs: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         self.caught: list = []
+        self._inner: list[list[float]] = []  # per open timed call: [seconds, syncs] of the timed calls inside it
 
     def timed(self, name: str, fn):
         def wrapper(*args, **kwargs):
             if self.cuda:
                 torch.cuda.synchronize()
             before, start = len(self.caught), time.perf_counter()
+            self._inner.append([0.0, 0])
             try:
                 return fn(*args, **kwargs)
             finally:
                 if self.cuda:
                     torch.cuda.synchronize()
-                self.seconds[self.round][name] += time.perf_counter() - start
-                self.syncs[self.round][name] += len(self.caught) - before
+                seconds, syncs = time.perf_counter() - start, len(self.caught) - before
+                inner_s, inner_syncs = self._inner.pop()
+                self.seconds[self.round][name] += seconds - inner_s
+                self.syncs[self.round][name] += syncs - inner_syncs
+                if self._inner:
+                    self._inner[-1][0] += seconds
+                    self._inner[-1][1] += syncs
         return wrapper
 
     def wrap(self, owner, attr: str, name: str) -> None:
         setattr(owner, attr, self.timed(name, getattr(owner, attr)))
 
 
-def install(phases: Phases, engine: str) -> None:
-    from fedcomp.fl import batched, client_app, client_round
+def install(phases: Phases, engine: str, method: str) -> None:
+    from fedcomp.fl import batched, client_app, client_round, hgc_client
+    from fedcomp.fl.hgc_strategy import HGCStrategy
     from fedcomp.fl.strategy import CompressedFedAvg
 
-    configure = CompressedFedAvg.configure_train
+    strategy = HGCStrategy if method == "hgc" else CompressedFedAvg
+    configure = strategy.configure_train
 
     def configure_train(self, server_round, *args, **kwargs):
         phases.round = server_round
         return configure(self, server_round, *args, **kwargs)
 
-    CompressedFedAvg.configure_train = configure_train
-    for attr in ("configure_train", "receive", "aggregate"):
-        phases.wrap(CompressedFedAvg, attr, f"server {attr}")
-    for attr in ("receive_model", "reply"):
-        phases.wrap(client_app, attr, f"client {attr}")
+    strategy.configure_train = configure_train
+    for owner, attr in ((strategy, "configure_train"), (CompressedFedAvg, "receive"), (strategy, "aggregate")):
+        phases.wrap(owner, attr, f"server {attr}")
     phases.wrap(client_round, "mean_gradient_sq_norm", "client gradient norm")
-    loaded = client_app.uplink_compressor
+    if method == "hgc":  # its own client round (fedcomp.fl.hgc_client): the relay, then the uplink
+        phases.wrap(hgc_client, "synchronise", "client synchronise (relay)")
+        phases.wrap(hgc_client, "encode_update", "client compress")
+        phases.wrap(hgc_client, "reply", "client reply")
+    else:
+        for attr in ("receive_model", "reply"):
+            phases.wrap(client_app, attr, f"client {attr}")
+        loaded = client_app.uplink_compressor
 
-    def uplink_compressor(*args):
-        up = phases.timed("client uplink_compressor", loaded)(*args)
-        up.compress = phases.timed("client compress", type(up).compress.__get__(up))
-        return up
+        def uplink_compressor(*args):
+            up = phases.timed("client uplink_compressor", loaded)(*args)
+            up.compress = phases.timed("client compress", type(up).compress.__get__(up))
+            return up
 
-    client_app.uplink_compressor = uplink_compressor
+        client_app.uplink_compressor = uplink_compressor
     if engine == "batched":  # local_training parks the client's turn there: time the cohort's training instead
         phases.wrap(batched, "train_cohort", "training (cohort)")
     else:
@@ -96,8 +113,7 @@ def install(phases: Phases, engine: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="mlp")
-    # HGC's rounds run through their own strategy and client paths (two exchanges), not timed here
-    ap.add_argument("--method", default="fedavg", choices=[m for m in METHODS if m != "hgc"])
+    ap.add_argument("--method", default="fedavg", choices=list(METHODS))
     ap.add_argument("--engine", default="batched", choices=["inline", "batched"])
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--device", default="cpu")
@@ -109,7 +125,7 @@ def main() -> None:
 
     cfg = compose_config(overrides(args.model, args.method, args.engine, args.rounds, device=args.device))
     phases = Phases(resolve_device(args.device))
-    install(phases, args.engine)
+    install(phases, args.engine, args.method)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         phases.caught = caught

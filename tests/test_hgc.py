@@ -308,6 +308,30 @@ def test_clients_resyncing_to_a_version_share_one_decode_whatever_they_held(fast
     assert torch.equal(strategy._global, unshared._global)
 
 
+def test_in_sync_members_share_the_relayed_mask_and_one_prediction(fast_cfg, monkeypatch):
+    """A round's members get the same relayed mask bytes and, in sync, the same predictor: the
+    mask is decoded once and the prediction made once for all of them, and the run equals one
+    that shares nothing."""
+    import fedcomp.fl.hgc_client as hgc_client
+    from fedcomp.hgc.predictor import Predictor
+
+    predict, calls = Predictor.predict, []
+    monkeypatch.setattr(Predictor, "predict", lambda self, mask: calls.append(self) or predict(self, mask))
+    hgc_client.relayed_mask.cache_clear()
+    strategy, _ = run_hgc(fast_cfg, 5, "strategy.bits=2")
+    # The clients' predictions a round: rebuilding the relayed aggregate (from round 2), the
+    # owner's on its own mask and the members' on the relayed one; once each, or per client.
+    shared = len([c for c in calls if c is not strategy.predictor])
+    assert shared == 2 + 3 * 4
+    assert hgc_client.relayed_mask.cache_info().misses == 5
+    monkeypatch.setattr(hgc_client._SHARED, "get", lambda record, held: None)
+    monkeypatch.setattr(hgc_client, "relayed_mask", hgc_client.relayed_mask.__wrapped__)
+    calls.clear()
+    unshared, _ = run_hgc(fast_cfg, 5, "strategy.bits=2")
+    assert len([c for c in calls if c is not unshared.predictor]) == 4 + 8 * 4
+    assert torch.equal(strategy._global, unshared._global)
+
+
 def test_mask_cost_is_counted_once_up_and_relayed_down(fast_cfg):
     strategy, _ = run_hgc(fast_cfg, 3)
     mask_bytes = max(s.mask_bytes for s in strategy._sent.values())  # the last round's relayed mask
