@@ -332,6 +332,28 @@ def test_in_sync_members_share_the_relayed_mask_and_one_prediction(fast_cfg, mon
     assert torch.equal(strategy._global, unshared._global)
 
 
+def test_a_client_whose_update_diverged_fails_that_round_only(fast_cfg, monkeypatch):
+    """A NaN update (diverged local training) costs its client the round; its error-feedback
+    memory is not poisoned, so it is accepted again from the next round on."""
+    import fedcomp.fl.hgc_client as hgc_client
+
+    train = hgc_client.train_round
+
+    def diverging(rt, w, state, partition_id, seed, config, *rest):
+        result = train(rt, w, state, partition_id, seed, config, *rest)
+        if partition_id == 2 and int(config[M.ROUND]) == 2:
+            result.update = torch.full_like(result.update, float("nan"))
+        return result
+
+    monkeypatch.setattr(hgc_client, "train_round", diverging)
+    strategy, _ = run_hgc(fast_cfg, 5, "strategy.bits=2")
+    failed = {r: [f.partition_id for f in strategy.rounds[r].failures] for r in strategy.rounds}
+    accepted = {r: [c.partition_id for c in strategy.rounds[r].clients] for r in strategy.rounds}
+    assert failed == {1: [], 2: [2], 3: [], 4: [], 5: []}
+    assert all(2 in accepted[r] for r in (3, 4, 5))
+    assert torch.isfinite(strategy._global).all()
+
+
 def test_mask_cost_is_counted_once_up_and_relayed_down(fast_cfg):
     strategy, _ = run_hgc(fast_cfg, 3)
     mask_bytes = max(s.mask_bytes for s in strategy._sent.values())  # the last round's relayed mask

@@ -20,6 +20,7 @@ import torch
 from flwr.app import ConfigRecord, Message
 
 from fedcomp.coding import decode_indices, encode_indices
+from fedcomp.compression.base import check_finite
 from fedcomp.fl import messages as M
 from fedcomp.fl.client_round import reply, train_round
 from fedcomp.fl.client_state import ClientState
@@ -169,6 +170,9 @@ def encode_update(update: torch.Tensor, memory: torch.Tensor | None, shared_mask
     Eq. 3's level means are float64 sums in one fixed order there, and every device-side step is
     one IEEE float32 operation per coordinate, so the payload is the CPU path's byte for byte."""
     x = update + (memory.to(update.device) if memory is not None else 0)
+    # Before anything is kept: a diverged client fails its round with its state as it was, as
+    # every other compressor's client does, instead of keeping a NaN residual for good.
+    check_finite(x)
     on_device = segments.select(x, ratio) if shared_mask is None else shared_mask.to(x.device)
     mask = on_device.cpu()
     cuts = segments.cuts(mask)
