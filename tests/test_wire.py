@@ -84,3 +84,13 @@ def test_wrong_codec_and_version_and_huge_shape():
 def test_random_bytes_never_crash(blob):
     with pytest.raises(PayloadError):
         build("identity").decompress(blob)
+
+
+@settings(max_examples=50, deadline=None)
+@given(parts=st.lists(st.one_of(st.binary(max_size=40), st.lists(st.floats(width=32, allow_nan=False), max_size=8)), max_size=5))
+def test_a_body_given_in_parts_frames_as_their_concatenation(parts):
+    """pack_frame's parts (bytes, or arrays sent as they are) give the joined body's frame."""
+    buffers = [p if isinstance(p, bytes) else np.asarray(p, "<f4") for p in parts]
+    joined = b"".join(b if isinstance(b, bytes) else b.tobytes() for b in buffers)
+    assert pack_frame("parts", torch.float32, (3,), buffers) == pack_frame("parts", torch.float32, (3,), joined)
+    assert bytes(unpack_frame(pack_frame("parts", torch.float32, (3,), buffers)).body) == joined

@@ -234,13 +234,15 @@ def encode_sync(w: torch.Tensor, buffers: dict[str, torch.Tensor]) -> bytes:
     flags = sum(1 << i for i, name in enumerate(SYNC_BUFFERS) if name in buffers)
     if ("u" in buffers) != ("v" in buffers):
         raise ValueError("a sync carries both predictor buffers or neither")
-    body = bytearray([flags])
+    # The arrays go into the frame as they are (views where already little-endian): one copy of
+    # the 46 MB a cnn4 resync carries instead of four (78 -> 26 ms).
+    body: list = [bytes([flags])]
     if "u" in buffers:
-        body += _SCALES.pack(*buffers["scale"].tolist())
-    body += w.float().numpy().astype("<f4").tobytes()
+        body.append(_SCALES.pack(*buffers["scale"].tolist()))
+    body.append(np.ascontiguousarray(w.detach().float().numpy(), "<f4"))
     for name in SYNC_BUFFERS:
         if name in buffers:
-            body += buffers[name].double().numpy().astype("<f8").tobytes()
+            body.append(np.ascontiguousarray(buffers[name].detach().double().numpy(), "<f8"))
     return pack_frame("hgc.sync", torch.float32, (w.numel(),), body)
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from isal.isal_zlib import crc32  # zlib's CRC-32, bit for bit, at memory speed (zlib's: ~4 GB/s)
 
@@ -57,9 +58,13 @@ class Frame:
         return n
 
 
-def pack_frame(codec: str, dtype: torch.dtype, shape: tuple[int, ...], body: bytes | bytearray | memoryview) -> bytes:
-    """The frame around ``body`` (any contiguous bytes-like object; copied once, into the frame)."""
-    body = memoryview(body).cast("B")
+Body = bytes | bytearray | memoryview | np.ndarray  # any C-contiguous buffer
+
+
+def pack_frame(codec: str, dtype: torch.dtype, shape: tuple[int, ...], body: Body | list[Body] | tuple[Body, ...]) -> bytes:
+    """The frame around ``body``: one buffer, or the concatenation of a sequence of them (each
+    copied once, into the frame: a body made of large arrays need not be joined first)."""
+    parts = [memoryview(part).cast("B") for part in (body if isinstance(body, (list, tuple)) else (body,))]
     name = codec.encode("ascii")
     if not 0 < len(name) < 256:
         raise ValueError(f"codec name must be 1..255 ASCII bytes, got {codec!r}")
@@ -73,10 +78,12 @@ def pack_frame(codec: str, dtype: torch.dtype, shape: tuple[int, ...], body: byt
         + name
         + struct.pack("<BB", DTYPE_CODES[dtype], len(shape))
         + struct.pack(f"<{len(shape)}Q", *shape)
-        + struct.pack("<Q", len(body))
+        + struct.pack("<Q", sum(len(part) for part in parts))
     )
-    crc = crc32(body, crc32(head))
-    return b"".join((head, body, struct.pack("<I", crc)))
+    crc = crc32(head)
+    for part in parts:
+        crc = crc32(part, crc)
+    return b"".join((head, *parts, struct.pack("<I", crc)))
 
 
 class _Reader:
