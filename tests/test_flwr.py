@@ -22,13 +22,17 @@ OVERRIDES = "dataset=synthetic simulation.num_clients=2 num_rounds=2 progress=fa
 def test_fedcomp_flwr_sizes_the_federation_and_turns_runtime_installation_off(monkeypatch, tmp_path):
     seen = {}
 
-    def fake_run(command, env):
-        seen["command"], seen["env"] = command, env
+    def fake_run(command, env, cwd):
+        seen["command"], seen["env"], seen["cwd"] = command, env, cwd
+        summary = tmp_path / "outputs" / "flwr" / "123" / "summary.json"  # what the ServerApp writes
+        summary.parent.mkdir(parents=True, exist_ok=True)
+        summary.write_text("{}")
         return subprocess.CompletedProcess(command, 0)
 
     monkeypatch.setattr(subprocess, "run", fake_run)
     monkeypatch.chdir(tmp_path)
     assert main(["dataset=synthetic", "simulation.num_clients=5", 'name="a b"']) == 0
+    assert seen["cwd"] == ROOT  # where Flower's local SuperLink, kept for later runs, starts
     command = seen["command"]
     assert command[command.index("--federation-config") + 1] == "num-supernodes=5"
     run_config = command[command.index("--run-config") + 1]
@@ -36,6 +40,16 @@ def test_fedcomp_flwr_sizes_the_federation_and_turns_runtime_installation_off(mo
     assert seen["env"]["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
     assert seen["env"]["PATH"].startswith(str(Path(sys.executable).parent))
     assert main(["simulation.num_clients=0"]) == 2  # checked before Flower starts
+
+
+def test_fedcomp_flwr_fails_a_local_run_that_wrote_no_results(monkeypatch, tmp_path, capsys):
+    """Flower's local simulation can end with status 0 and nothing written (a SuperLink left
+    running in a deleted directory did): the command says so and fails."""
+    monkeypatch.setattr(subprocess, "run", lambda command, env, cwd: subprocess.CompletedProcess(command, 0))
+    monkeypatch.chdir(tmp_path)
+    assert main(["dataset=synthetic", "simulation.num_clients=2"]) == 1
+    assert "without writing results" in capsys.readouterr().err
+    assert main(["dataset=synthetic", "--", "remote-federation"]) == 0  # a deployed federation writes on its own machine
 
 
 def free_port() -> int:
