@@ -2,7 +2,7 @@
 # What needs a CUDA machine, in one call (a lent GPU's time is short), each stage bounded:
 #   tests  the CUDA tests (tests/test_device.py, the engines on the GPU);
 #   cuda   the scale table with train.device=cuda (plain loop, inline, batched, pool workers sharing the GPU);
-#   phases where the batched engine's GPU round goes (benchmarks/phases.py: mlp and cnn4, FedAvg and top-k + EF);
+#   phases where the batched engine's GPU round goes (benchmarks/phases.py: mlp FedAvg, top-k + EF and HGC; cnn4 FedAvg, top-k + EF);
 #   cpu    the scale table on the CPU at all of the machine's cores (pool: one worker per core).
 # Usage: benchmarks/gpu.sh OUT_DIR [STAGE ...]   (default: tests cuda phases cpu; PYTHON picks the
 # interpreter, ROUNDS the scale tables' rounds, PHASES_DEVICE=cpu the phases stage's device)
