@@ -20,6 +20,8 @@ FAULTS = ("simulation.faults=[{kind: crash, clients: [0], rounds: [2]}, {kind: l
           " {kind: corrupt, clients: [2], rounds: [2, 3]}]")
 STATEFUL = ("compressor=topk_bidirectional", "num_rounds=3", "train.optimizer_state=persistent", "train.momentum=0.9",
             "simulation.fraction=0.75", "simulation.client_cpus=1")
+# 3 steps of batch 4: the 144 -> 64 layer's factors (12 rows) are a third of its weight: the batched engine keeps them (LowRankWeights)
+LOW_RANK = ("model.hidden=[64]", "train.batch_size=4")
 
 
 def rows(out_dir):
@@ -249,7 +251,8 @@ def close_runs(a, b, tol=1e-5) -> None:
     (*STATEFUL, "model=cnn4", "model.channels=[4,8]", "model.hidden=16", "train.epochs=1", "train.steps=null", "train.batch_size=64"),
     ("strategy=hgc", "strategy.ratio=0.05", "strategy.bits=2", "num_rounds=3", "simulation.fraction=0.75"),
     ("client=fedprox", "num_rounds=2"),
-], ids=["topk-ef-momentum-wd", "cnn4-epoch", "hgc", "fedprox-sequential"])
+    (*LOW_RANK, "compressor=topk", "compressor.up.ratio=0.1", "compressor.up.error_feedback=true", "train.momentum=0.9"),
+], ids=["topk-ef-momentum-wd", "cnn4-epoch", "hgc", "fedprox-sequential", "low-rank-topk-ef"])
 def test_batched_matches_inline(fast_cfg, tmp_path, extra):
     """The cohort trained as one vmapped computation: same bytes, same answers to float tolerance."""
     run_experiment(fast_cfg(*extra), tmp_path / "inline")
@@ -413,18 +416,95 @@ def test_cohort_training_with_fused_linear_steps_equals_the_sequential_loop(fast
         assert request.loss == pytest.approx(loss, rel=1e-6)
 
 
-def test_a_cohort_of_clients_starting_from_different_models_trains_each_from_its_own(fast_cfg):
-    """Clients of one cohort holding different models (HGC's stale replicas): each is stacked
-    from its own vector, not from the round's shared broadcast."""
+@pytest.mark.parametrize("extra", [
+    (),
+    ("train.weight_decay=0.01",),
+    ("train.momentum=0.9", "train.weight_decay=0.01"),
+    ("model=cnn4", "model.channels=[4,8]", "model.hidden=64", "train.momentum=0.9"),
+], ids=["mlp", "mlp-wd", "mlp-momentum-wd", "cnn4-momentum"])
+def test_cohort_training_with_low_rank_weights_equals_the_sequential_loop(fast_cfg, extra):
+    """Clients sharing the round's broadcast keep a Linear weight as the shared start and the
+    factors of their steps (fedcomp.fl.fused_sgd.LowRankWeights) where those are smaller than the
+    weight; the rest of the model is stepped as before. Every client ends where the loop's
+    training does, with the update's squared norm alongside."""
     from fedcomp.fl.batched import train_cohort
+    from fedcomp.fl.cohort import TrainingRequest
+    from fedcomp.fl.fused_sgd import fused_plan
+    from fedcomp.fl.local import train_local
+
+    rt = get_runtime(fast_cfg(*LOW_RANK, *extra))
+    training = rt.local_training
+    plan = fused_plan(rt.model)
+    low = plan.low_rank_weights(training["steps"] * training["batch_size"])
+    assert low and len(low) < len(plan.linear_shapes)  # one layer kept as factors, the last one stepped
+    w = rt.layout.flatten(rt.new_model())
+    requests = [TrainingRequest(w, rt.client_indices(c), c, training, None) for c in range(3)]
+    train_cohort(rt, requests)
+    for c, request in enumerate(requests):
+        rt.layout.load(rt.model, w)
+        loss = train_local(rt.model, rt.train.x, rt.train.y, rt.client_indices(c), generator=torch.Generator().manual_seed(c),
+                           **training)
+        torch.testing.assert_close(request.update, rt.layout.flatten(rt.model) - w, rtol=1e-5, atol=1e-6)
+        assert request.loss == pytest.approx(loss, rel=1e-6)
+        assert request.update_sq_norm == float(torch.dot(request.update, request.update))
+
+
+@pytest.mark.parametrize(("momentum", "weight_decay"), [(0.0, 0.0), (0.0, 0.01), (0.9, 0.0), (0.9, 0.01)])
+def test_low_rank_weights_step_each_client_as_sgd_does(momentum, weight_decay):
+    """Three steps of 5, 5 and 3 rows (an epoch's last batch is short) through a plan whose first
+    Linear weight is kept as factors: each client's written update equals three SGD steps of the
+    client alone (autograd's gradients, LocalSGD's arithmetic) from the shared start."""
+    from torch import nn
+
+    from fedcomp.fl.fused_sgd import SGD, LowRankWeights, cohort_losses, fused_plan
+    from fedcomp.fl.local import LocalSGD
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 24), nn.ReLU(), nn.Linear(24, 3))
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    clients, lr = 4, 0.1
+    batches = [(torch.randn(clients, rows, 40), torch.randint(0, 3, (clients, rows))) for rows in (5, 5, 3)]
+    plan, sgd = fused_plan(model), SGD(lr, momentum, weight_decay)
+    assert plan.low_rank_weights(13) == ["0.weight"]
+    params = {n: v.expand(clients, *v.shape).clone() for n, v in start.items() if n != "0.weight"}
+    low_rank = LowRankWeights({"0.weight": start["0.weight"]}, clients, 13, sgd)
+    with torch.no_grad():
+        for x, y in batches:
+            with torch.enable_grad():
+                torch.autograd.grad(cohort_losses(plan.logits(params, x, sgd, low_rank), y).sum(), [plan.anchor], allow_unused=True)
+            low_rank.advance(x.shape[1])
+    for i in range(clients):
+        model.load_state_dict(start)
+        opt = LocalSGD(list(model.parameters()), lr=lr, momentum=momentum, weight_decay=weight_decay)
+        for x, y in batches:
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[i]), y[i]).backward()
+            opt.step()
+        update = torch.empty(24, 40)
+        low_rank.write_update("0.weight", i, update)
+        torch.testing.assert_close(update, model[0].weight.detach() - start["0.weight"], rtol=1e-5, atol=1e-6)
+        for name in params:
+            torch.testing.assert_close(params[name][i], dict(model.named_parameters())[name].detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("extra", "parts"), [
+    (("model=cnn4", "model.channels=[4,8]", "model.hidden=16"), 1),
+    (LOW_RANK, 2),
+], ids=["stacked", "low-rank-and-stacked"])
+def test_a_cohort_of_clients_starting_from_different_models_trains_each_from_its_own(fast_cfg, extra, parts):
+    """Clients of one cohort holding different models (HGC's stale replicas): each is stacked
+    from its own vector, not from the round's shared broadcast. Where a Linear weight can be
+    kept as factors, the clients sharing a start train apart from the other one."""
+    from fedcomp.fl.batched import _by_start, train_cohort
     from fedcomp.fl.cohort import TrainingRequest
     from fedcomp.fl.local import train_local
 
-    rt = get_runtime(fast_cfg("model=cnn4", "model.channels=[4,8]", "model.hidden=16"))
+    rt = get_runtime(fast_cfg(*extra))
     w = rt.layout.flatten(rt.new_model())
     starts = [w, w + 0.01 * torch.randn_like(w), w]  # two clients share a vector, one does not
-    shard = rt.client_indices(0)  # one shard size: one group, trained as one computation
+    shard = rt.client_indices(0)  # one shard size: one group
     requests = [TrainingRequest(start, shard, c, rt.local_training, None) for c, start in enumerate(starts)]
+    assert [[r.seed for r in part] for part in _by_start(rt.model, requests)] == ([[0, 1, 2]] if parts == 1 else [[0, 2], [1]])
     train_cohort(rt, requests)
     for c, (start, request) in enumerate(zip(starts, requests)):
         rt.layout.load(rt.model, start)

@@ -107,7 +107,8 @@ def train_round(
     reads_update = type(rt.algorithm).client_extras is not ClientAlgorithm.client_extras
     host = update.cpu() if reads_update else update
     up_extras = rt.algorithm.encode(rt.algorithm.client_extras(host, state, extras, steps, training["lr"]))
-    return LocalResult(update, result.loss, result.compute_s, n, samples, mean_gradient_sq_norm(update, n, training), up_extras)
+    return LocalResult(update, result.loss, result.compute_s, n, samples, mean_gradient_sq_norm(update, n, training, result.update_sq_norm),
+                       up_extras)
 
 
 def client_seed(run_seed: int, config: ConfigRecord, partition_id: int) -> int:

@@ -35,6 +35,7 @@ class TrainingRequest:
     training: dict
     buffers: dict[str, torch.Tensor] | None
     update: torch.Tensor | None = None  # flat parameters after training minus w, on the training device
+    update_sq_norm: float | None = None  # ||update||^2 where the trainer computed it (the batched engine, while it was in the caches)
     loss: float = 0.0
     compute_s: float = 0.0
 

@@ -23,12 +23,15 @@ def samples_trained(n: int, *, epochs: int, steps: int | None, batch_size: int) 
     return full * n + sum(per_pass[:rest])
 
 
-def mean_gradient_sq_norm(update: torch.Tensor, n: int, training: dict) -> float:
+def mean_gradient_sq_norm(update: torch.Tensor, n: int, training: dict, sq_norm: float | None = None) -> float:
     """||update||^2 / (lr x local steps)^2: the squared norm of the mean local gradient of a
     plain-SGD run (``training``: ``train_local``'s keyword arguments) that produced ``update``.
-    With momentum or weight decay this is the norm of the mean step direction instead."""
+    With momentum or weight decay this is the norm of the mean step direction instead.
+    ``sq_norm``: ||update||^2 computed already (``torch.dot`` of the update, as here)."""
     steps = local_steps(n, epochs=training["epochs"], steps=training["steps"], batch_size=training["batch_size"])
-    return float(torch.dot(update, update)) / (training["lr"] * steps) ** 2  # one pass, no temporary
+    if sq_norm is None:
+        sq_norm = float(torch.dot(update, update))  # one pass, no temporary
+    return sq_norm / (training["lr"] * steps) ** 2
 
 
 def batches(indices: torch.Tensor, *, total: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
