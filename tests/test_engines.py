@@ -555,6 +555,62 @@ def test_a_fused_plan_steps_each_client_as_sgd_does(momentum):
             torch.testing.assert_close(params[name][i].detach(), p.detach(), rtol=1e-5, atol=1e-6)
 
 
+def test_a_fused_plan_runs_convolutions_grouped_and_steps_each_client_as_sgd_does():
+    """Convolutions (with and without bias, strided, padded) as one grouped convolution of all
+    clients, the activations kept channel-grouped through ReLU, max-pools (run before the ReLU
+    they follow) and an adaptive pool, back to clients-first for the Linear layer: three steps
+    equal three SGD steps of each client alone."""
+    from torch import nn
+
+    from fedcomp.fl.fused_sgd import SGD, cohort_losses, fused_plan
+    from fedcomp.fl.local import LocalSGD
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 3, 3, stride=2, padding=1, bias=False),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 3))
+    clients = [[torch.randn_like(p) for p in model.parameters()] for _ in range(3)]
+    x, y = torch.randn(3, 5, 2, 8, 8), torch.randint(0, 3, (3, 5))
+    names = [n for n, _ in model.named_parameters()]
+    params = {n: torch.stack([c[i] for c in clients]) for i, n in enumerate(names)}
+    plan, sgd = fused_plan(model), SGD(0.1, 0.9, 0.01)
+    rest = [n for n in names if n not in plan.stepped]
+    assert rest == ["0.weight", "0.bias", "3.weight"]
+    for name in rest:
+        params[name].requires_grad_()
+    with torch.no_grad():
+        for _ in range(3):
+            with torch.enable_grad():
+                losses = cohort_losses(plan.logits(params, x, sgd), y)
+                grads = torch.autograd.grad(losses.sum(), [params[n] for n in rest] + [plan.anchor], allow_unused=True)
+            for name, grad in zip(rest, grads):
+                sgd.step_(name, params[name], grad)
+    for i, values in enumerate(clients):
+        with torch.no_grad():
+            for p, v in zip(model.parameters(), values):
+                p.copy_(v)
+        opt = LocalSGD(list(model.parameters()), lr=0.1, momentum=0.9, weight_decay=0.01)
+        for _ in range(3):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[i]), y[i]).backward()
+            opt.step()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(params[name][i].detach(), p.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_max_pool_after_a_relu_runs_first_with_the_same_values_and_gradients():
+    from torch import nn
+
+    from fedcomp.fl.fused_sgd import _pool_before_relu
+
+    relu, pool = nn.ReLU(), nn.MaxPool2d(2)
+    assert _pool_before_relu([relu, pool, nn.Flatten()])[:2] == [pool, relu]
+    x = torch.randn(4, 3, 8, 8).clamp_(max=0.5).requires_grad_()  # windows of ties at 0 and at 0.5, and wholly negative ones
+    as_defined, swapped = pool(relu(x)), relu(pool(x))
+    assert torch.equal(as_defined, swapped)
+    g = torch.randn_like(as_defined)
+    assert torch.equal(*(torch.autograd.grad(out, x, g)[0] for out in (as_defined, swapped)))
+
+
 def test_fused_steps_apply_only_where_each_layer_runs_once_in_sequence():
     from torch import nn
 

@@ -214,13 +214,51 @@ class _LowRankLinear(torch.autograd.Function):
 # took 4.3-4.7 ms with ReLU applied directly against 4.9-5.3 ms vmapped).
 _ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Identity)
 
-Step = Callable[[dict[str, torch.Tensor], torch.Tensor, SGD, LowRankWeights | None], torch.Tensor]  # (params, h, sgd, low_rank) -> h
+# Layers that act on each channel alone: on channel-grouped activations they run as they are.
+_PER_CHANNEL = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
+
+
+@dataclass
+class _ChannelGrouped:
+    """A cohort's activations as one batch with the clients' channels side by side,
+    (rows, clients x channels, *spatial): a grouped convolution's layout, in which convolutions,
+    elementwise layers and per-channel pools follow one another without moving the clients'
+    axis back and forth."""
+
+    t: torch.Tensor
+    clients: int
+
+    def client_first(self) -> torch.Tensor:
+        rows, _, *spatial = self.t.shape
+        return self.t.view(rows, self.clients, -1, *spatial).transpose(0, 1)
+
+
+Activations = torch.Tensor | _ChannelGrouped  # a tensor: clients first
+Step = Callable[[dict[str, torch.Tensor], Activations, SGD, LowRankWeights | None], Activations]  # (params, h, sgd, low_rank) -> h
+
+
+def _grouped(h: Activations) -> _ChannelGrouped:
+    if isinstance(h, _ChannelGrouped):
+        return h
+    clients, rows, channels, *spatial = h.shape
+    return _ChannelGrouped(h.transpose(0, 1).reshape(rows, clients * channels, *spatial), clients)
+
+
+def _client_first(h: Activations) -> torch.Tensor:
+    return h.client_first() if isinstance(h, _ChannelGrouped) else h
+
+
+def _as_is(module: nn.Module, h: Activations) -> Activations:
+    """An elementwise or per-channel layer on either layout."""
+    return _ChannelGrouped(module(h.t), h.clients) if isinstance(h, _ChannelGrouped) else module(h)
 
 
 class FusedPlan:
     """The model's layers in order as steps on the stacked activations: each Linear layer stepped
-    in its backward (``stepped``: the names of the parameters so stepped), elementwise layers
-    applied directly, every other layer vmapped with its own parameters."""
+    in its backward (``stepped``: the names of the parameters so stepped), each 2-d convolution
+    as one grouped convolution of all clients (its bias fused in, activations kept channel-
+    grouped through the elementwise layers and pools after it), elementwise layers applied
+    directly, every other layer vmapped with its own parameters."""
 
     def __init__(self, model: nn.Module) -> None:
         self.stepped: set[str] = set()
@@ -228,18 +266,21 @@ class FusedPlan:
         self.anchor = torch.zeros((), device=next(model.parameters()).device, requires_grad=True)
         self._steps: list[Step] = []
         prefixes = {id(m): name for name, m in model.named_modules()}
-        for module in _leaves(model):
+        for module in _pool_before_relu(_leaves(model)):
             prefix = prefixes[id(module)]
             names = {local: f"{prefix}.{local}" if prefix else local for local, _ in module.named_parameters()}
             if type(module) is nn.Linear:
                 self.stepped.update(names.values())
                 self.linear_shapes[names["weight"]] = (module.out_features, module.in_features)
                 self._steps.append(functools.partial(self._linear, names))
-            elif type(module) in _ELEMENTWISE:
-                self._steps.append(lambda params, h, sgd, low_rank, m=module: m(h))
+            elif type(module) is nn.Conv2d and module.padding_mode == "zeros":
+                self._steps.append(functools.partial(_convolution, module, names))
+            elif type(module) in _ELEMENTWISE or (type(module) in _PER_CHANNEL and not getattr(module, "return_indices", False)):
+                self._steps.append(lambda params, h, sgd, low_rank, m=module: _as_is(m, h))
             else:
                 vmapped = vmap(lambda p, h, m=module: functional_call(m, p, (h,)))
-                self._steps.append(lambda params, h, sgd, low_rank, f=vmapped, names=names: f({k: params[v] for k, v in names.items()}, h))
+                self._steps.append(lambda params, h, sgd, low_rank, f=vmapped, names=names:
+                                   f({k: params[v] for k, v in names.items()}, _client_first(h)))
 
     def low_rank_weights(self, rows: int) -> list[str]:
         """The Linear weights whose gradient factors over ``rows`` rows a client (a cohort's
@@ -253,17 +294,46 @@ class FusedPlan:
         h = x
         for step in self._steps:
             h = step(params, h, sgd, low_rank)
-        return h
+        return _client_first(h)
 
     def _linear(self, names: dict[str, str], params: dict[str, torch.Tensor], h: torch.Tensor, sgd: SGD,
                 low_rank: LowRankWeights | None) -> torch.Tensor:
         bias = params[names["bias"]] if "bias" in names else None
+        h = _client_first(h)
         rows = h.reshape(h.shape[0], -1, h.shape[-1])  # (clients, rows, in) whatever the per-client shape
         if low_rank is not None and names["weight"] in low_rank:
             out = _LowRankLinear.apply(rows, bias, self.anchor, names, sgd, low_rank)
         else:
             out = _SteppedLinear.apply(rows, params[names["weight"]], bias, self.anchor, names, sgd)
         return out.reshape(*h.shape[:-1], out.shape[-1])
+
+
+def _convolution(module: nn.Conv2d, names: dict[str, str], params: dict[str, torch.Tensor], h: Activations, sgd: SGD,  # noqa: ARG001
+                 low_rank: LowRankWeights | None) -> _ChannelGrouped:  # noqa: ARG001 -- a Step's signature
+    """Every client's convolution as one grouped convolution over the channel-grouped
+    activations, each client's weights (and bias) its own groups. vmap runs the same grouped
+    convolution but adds the bias apart and moves the clients' axis in and out around it: on
+    the 2-core CPU, cnn4's 1 -> 32 layer for 50 clients of batch 10, forward and backward,
+    took 84 ms this way against 99 ms vmapped, the 32 -> 64 layer 103 against 121 ms."""
+    g = _grouped(h)
+    weight, bias = params[names["weight"]], params.get(names.get("bias", ""))
+    out = nn.functional.conv2d(g.t, weight.reshape(-1, *weight.shape[2:]), None if bias is None else bias.reshape(-1),
+                               module.stride, module.padding, module.dilation, g.clients * module.groups)
+    return _ChannelGrouped(out, g.clients)
+
+
+def _pool_before_relu(layers: list[nn.Module]) -> list[nn.Module]:
+    """``layers`` with every ReLU followed by a max-pool run after it instead. They commute
+    exactly: max(relu(x)) = relu(max(x)), and the gradient reaches the same input (a window's
+    first maximum either way where that is positive, nothing where it is not), so values and
+    gradients are unchanged to the bit, and the ReLU and its backward run on a quarter of the
+    activations. On cnn4's 50-client cohort (2-core CPU) the first ReLU's backward had taken
+    about a tenth of the step."""
+    out = list(layers)
+    for i in range(len(out) - 1):
+        if type(out[i]) is nn.ReLU and type(out[i + 1]) is nn.MaxPool2d and not out[i + 1].return_indices:
+            out[i], out[i + 1] = out[i + 1], out[i]
+    return out
 
 
 def _applies_in_order(module: nn.Module) -> bool:
