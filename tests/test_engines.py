@@ -20,6 +20,9 @@ FAULTS = ("simulation.faults=[{kind: crash, clients: [0], rounds: [2]}, {kind: l
           " {kind: corrupt, clients: [2], rounds: [2, 3]}]")
 STATEFUL = ("compressor=topk_bidirectional", "num_rounds=3", "train.optimizer_state=persistent", "train.momentum=0.9",
             "simulation.fraction=0.75", "simulation.client_cpus=1")
+# Equal shards (500 samples each): the batched engine trains a round's clients as one cohort
+# (one group per shard size; a group of one trains in the sequential loop).
+EQUAL_SHARDS = "partition=iid"
 # 3 steps of batch 4: the 144 -> 64 layer's factors (12 rows) are a third of its weight: the batched engine keeps them (LowRankWeights)
 LOW_RANK = ("model.hidden=[64]", "train.batch_size=4")
 
@@ -255,6 +258,7 @@ def close_runs(a, b, tol=1e-5) -> None:
 ], ids=["topk-ef-momentum-wd", "cnn4-epoch", "hgc", "fedprox-sequential", "low-rank-topk-ef"])
 def test_batched_matches_inline(fast_cfg, tmp_path, extra):
     """The cohort trained as one vmapped computation: same bytes, same answers to float tolerance."""
+    extra = (*extra, EQUAL_SHARDS)
     run_experiment(fast_cfg(*extra), tmp_path / "inline")
     run_experiment(fast_cfg(*extra, "simulation.backend=batched"), tmp_path / "batched")
     close_runs(tmp_path / "inline", tmp_path / "batched")
@@ -267,6 +271,7 @@ def test_batched_matches_inline(fast_cfg, tmp_path, extra):
 def test_batched_pool_matches_inline(fast_cfg, tmp_path, extra):
     """Pool workers each training their share of the cohort as one vmapped computation: the
     inline engine's bytes, its answers to float tolerance."""
+    extra = (*extra, EQUAL_SHARDS)
     run_experiment(fast_cfg(*extra), tmp_path / "inline")
     run_experiment(fast_cfg(*extra, "simulation.backend=batched_pool", "simulation.workers=2"), tmp_path / "batched_pool")
     close_runs(tmp_path / "inline", tmp_path / "batched_pool")
@@ -306,7 +311,7 @@ def test_batched_pool_refuses_a_model_with_batch_norm_before_starting_workers(tm
 def test_engines_agree_on_cuda(fast_cfg, tmp_path, extra):
     """train.device=cuda: two pool workers sharing the device give the inline run bit for bit;
     the batched cohort gives its bytes, and its answers to float tolerance."""
-    on_gpu = (*extra, "train.device=cuda")
+    on_gpu = (*extra, EQUAL_SHARDS, "train.device=cuda")
     run_experiment(fast_cfg(*on_gpu), tmp_path / "inline")
     run_experiment(fast_cfg(*on_gpu, "simulation.backend=pool", "simulation.workers=2"), tmp_path / "pool")
     same_run(tmp_path / "inline", tmp_path / "pool")
@@ -321,8 +326,8 @@ def test_cohort_training_returns_detached_updates(fast_cfg):
     from fedcomp.fl.runtime import get_runtime
 
     rt = get_runtime(fast_cfg())
-    w = rt.layout.flatten(rt.new_model())
-    requests = [TrainingRequest(w, rt.client_indices(c), c, rt.local_training, None) for c in range(2)]
+    w, shard = rt.layout.flatten(rt.new_model()), rt.client_indices(0)  # one shard: one group
+    requests = [TrainingRequest(w, shard, c, rt.local_training, None) for c in range(2)]
     train_cohort(rt, requests)
     assert all(r.update is not None and not r.update.requires_grad for r in requests)
 
@@ -337,10 +342,10 @@ def test_cohort_results_are_unstacked_alike_in_one_copy_and_client_by_client(fas
     from fedcomp.fl.runtime import get_runtime
 
     rt = get_runtime(fast_cfg())
-    w = rt.layout.flatten(rt.new_model())
+    w, shard = rt.layout.flatten(rt.new_model()), rt.client_indices(0)  # one shard: one group
 
     def updates() -> list[torch.Tensor]:
-        requests = [TrainingRequest(w, rt.client_indices(c), c, rt.local_training, None) for c in range(3)]
+        requests = [TrainingRequest(w, shard, c, rt.local_training, None) for c in range(3)]
         batched.train_cohort(rt, requests)
         return [r.update for r in requests]
 
@@ -368,16 +373,16 @@ def test_cohort_training_equals_the_sequential_loop_with_carried_momentum(fast_c
     if not fused:
         monkeypatch.setattr(batched, "fused_plan", lambda model: None)
     rt = get_runtime(fast_cfg("train.momentum=0.9", "train.weight_decay=0.001"))
-    w = rt.layout.flatten(rt.new_model())
+    w, shard = rt.layout.flatten(rt.new_model()), rt.client_indices(0)  # one shard: one group
     training = rt.local_training
     held = {name: torch.randn_like(p) for name, p in rt.model.named_parameters()}
     for _ in range(2):
-        requests = [TrainingRequest(w, rt.client_indices(c), c, training, {n: b.clone() for n, b in held.items()}) for c in range(3)]
+        requests = [TrainingRequest(w, shard, c, training, {n: b.clone() for n, b in held.items()}) for c in range(3)]
         train_cohort(rt, requests)
     for c, request in enumerate(requests):
         buffers = {n: b.clone() for n, b in held.items()}
         rt.layout.load(rt.model, w)
-        train_local(rt.model, rt.train.x, rt.train.y, rt.client_indices(c), generator=torch.Generator().manual_seed(c),
+        train_local(rt.model, rt.train.x, rt.train.y, shard, generator=torch.Generator().manual_seed(c),
                     momentum_buffers=buffers, **training)
         torch.testing.assert_close(request.update, rt.layout.flatten(rt.model) - w, rtol=1e-5, atol=1e-6)
         for name, buf in buffers.items():
@@ -404,13 +409,13 @@ def test_cohort_training_with_fused_linear_steps_equals_the_sequential_loop(fast
     rt = get_runtime(fast_cfg(*extra))
     linear = {f"{prefix}.{n}" for prefix, m in rt.model.named_modules() if type(m) is torch.nn.Linear for n, _ in m.named_parameters()}
     assert fused_plan(rt.model).stepped == linear
-    w = rt.layout.flatten(rt.new_model())
+    w, shard = rt.layout.flatten(rt.new_model()), rt.client_indices(0)  # one shard: one group
     training = rt.local_training
-    requests = [TrainingRequest(w, rt.client_indices(c), c, training, None) for c in range(3)]
+    requests = [TrainingRequest(w, shard, c, training, None) for c in range(3)]
     train_cohort(rt, requests)
     for c, request in enumerate(requests):
         rt.layout.load(rt.model, w)
-        loss = train_local(rt.model, rt.train.x, rt.train.y, rt.client_indices(c), generator=torch.Generator().manual_seed(c),
+        loss = train_local(rt.model, rt.train.x, rt.train.y, shard, generator=torch.Generator().manual_seed(c),
                            **training)
         torch.testing.assert_close(request.update, rt.layout.flatten(rt.model) - w, rtol=1e-5, atol=1e-6)
         assert request.loss == pytest.approx(loss, rel=1e-6)
@@ -437,12 +442,12 @@ def test_cohort_training_with_low_rank_weights_equals_the_sequential_loop(fast_c
     plan = fused_plan(rt.model)
     low = plan.low_rank_weights(training["steps"] * training["batch_size"])
     assert low and len(low) < len(plan.linear_shapes)  # one layer kept as factors, the last one stepped
-    w = rt.layout.flatten(rt.new_model())
-    requests = [TrainingRequest(w, rt.client_indices(c), c, training, None) for c in range(3)]
+    w, shard = rt.layout.flatten(rt.new_model()), rt.client_indices(0)  # one shard: one group
+    requests = [TrainingRequest(w, shard, c, training, None) for c in range(3)]
     train_cohort(rt, requests)
     for c, request in enumerate(requests):
         rt.layout.load(rt.model, w)
-        loss = train_local(rt.model, rt.train.x, rt.train.y, rt.client_indices(c), generator=torch.Generator().manual_seed(c),
+        loss = train_local(rt.model, rt.train.x, rt.train.y, shard, generator=torch.Generator().manual_seed(c),
                            **training)
         torch.testing.assert_close(request.update, rt.layout.flatten(rt.model) - w, rtol=1e-5, atol=1e-6)
         assert request.loss == pytest.approx(loss, rel=1e-6)
@@ -494,7 +499,8 @@ def test_low_rank_weights_step_each_client_as_sgd_does(momentum, weight_decay):
 def test_a_cohort_of_clients_starting_from_different_models_trains_each_from_its_own(fast_cfg, extra, parts):
     """Clients of one cohort holding different models (HGC's stale replicas): each is stacked
     from its own vector, not from the round's shared broadcast. Where a Linear weight can be
-    kept as factors, the clients sharing a start train apart from the other one."""
+    kept as factors, the clients sharing a start train apart from the other one, which, alone,
+    trains in the sequential loop (bit for bit)."""
     from fedcomp.fl.batched import _by_start, train_cohort
     from fedcomp.fl.cohort import TrainingRequest
     from fedcomp.fl.local import train_local
@@ -510,6 +516,8 @@ def test_a_cohort_of_clients_starting_from_different_models_trains_each_from_its
         rt.layout.load(rt.model, start)
         train_local(rt.model, rt.train.x, rt.train.y, shard, generator=torch.Generator().manual_seed(c), **rt.local_training)
         torch.testing.assert_close(request.update, rt.layout.flatten(rt.model) - start, rtol=1e-5, atol=1e-6)
+        if parts == 2 and c == 1:
+            assert torch.equal(request.update, rt.layout.flatten(rt.model) - start)
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
@@ -648,7 +656,7 @@ def test_batched_client_rounds_take_turns_on_the_engines_thread(fast_cfg, tmp_pa
 def test_batched_carries_failed_clients_replies_as_inline_does(fast_cfg, tmp_path):
     """A client that raises before it trains, a lost and a corrupted upload, while the others'
     rounds wait for the cohort: the same failures, bytes and answers as inline."""
-    extra = ("compressor=topk_bidirectional", "num_rounds=3", "simulation.integrity=hmac", FAULTS)
+    extra = ("compressor=topk_bidirectional", "num_rounds=3", "simulation.integrity=hmac", FAULTS, EQUAL_SHARDS)
     run_experiment(fast_cfg(*extra), tmp_path / "inline")
     run_experiment(fast_cfg(*extra, "simulation.backend=batched"), tmp_path / "batched")
     close_runs(tmp_path / "inline", tmp_path / "batched")

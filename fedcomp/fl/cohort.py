@@ -55,6 +55,11 @@ def local_training(rt: Runtime, request: TrainingRequest, grad_hook: Callable[[n
     if park is not None and grad_hook is None:
         park(request)
         return request
+    return train_in_place(rt, request, grad_hook)
+
+
+def train_in_place(rt: Runtime, request: TrainingRequest, grad_hook: Callable[[nn.Module], None] | None = None) -> TrainingRequest:
+    """Fill ``request``'s result by training the process's scratch model (``train_local``)."""
     rt.layout.load(rt.model, request.w)
     start = time.perf_counter()
     request.loss = train_local(rt.model, rt.train.x, rt.train.y, request.indices, generator=torch.Generator().manual_seed(request.seed),
