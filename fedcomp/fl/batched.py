@@ -25,7 +25,8 @@ reuse (``keep_large_allocations``): on CPU both were worth 2x on cnn4's vmapped 
 Supported: models without buffers or randomness in training (no batch norm, no dropout:
 ``check_model``); client algorithms with a gradient hook (FedProx, SCAFFOLD) train
 sequentially inside the same round. An HGC round is two cohorts: the mask owner alone, then
-the members on its mask.
+the members on its mask. A group of one client trains in the sequential loop (``train_local``),
+which is faster for one.
 """
 
 from __future__ import annotations
@@ -150,7 +151,8 @@ def _train_group(rt: Runtime, group: list[TrainingRequest]) -> None:
     first = group[0].w
     start = first.to(device) if all(r.w.data_ptr() == first.data_ptr() and r.w.device == first.device for r in group) else None
     start_pieces = dict(zip(layout.names, torch.split(start, layout.sizes))) if start is not None else {}
-    low = plan.low_rank_weights(sum(len(batch[0]) for batch in steps)) if plan is not None and start is not None and not carried else []
+    rows = sum(len(batch[0]) for batch in steps)  # each client's rows over the whole training
+    low = plan.low_rank_weights(rows) if plan is not None and start is not None and not carried else []
     pieces = list(zip(*[torch.split(r.w, layout.sizes) for r in group]))
     params = {name: _stacked(name, chunks, shape, device, gradient_layout=name not in stepped).requires_grad_(name not in stepped)
               for name, chunks, shape in zip(layout.names, pieces, layout.shapes) if name not in low}
@@ -158,8 +160,7 @@ def _train_group(rt: Runtime, group: list[TrainingRequest]) -> None:
                               gradient_layout=name not in stepped) for name in names if carried and name in group[0].buffers}
     sgd = SGD(lr, momentum, weight_decay, buffers)
     shapes = dict(zip(layout.names, layout.shapes))
-    low_rank = LowRankWeights({name: start_pieces[name].view(shapes[name]) for name in low}, len(group),
-                              sum(len(batch[0]) for batch in steps), sgd) if low else None
+    low_rank = LowRankWeights({name: start_pieces[name].view(shapes[name]) for name in low}, len(group), rows, sgd) if low else None
 
     # Only the forward pass is vmapped; one backward of the summed losses gives every client's
     # gradient (client i's loss depends on its own parameters only). torch.func.grad would do
@@ -192,9 +193,9 @@ def _train_group(rt: Runtime, group: list[TrainingRequest]) -> None:
     # layout: from the shared start where there is one, else the trained parameters with each
     # client's start subtracted after. Small parameters go in one operation for all clients;
     # then client by client the large ones, so that the client's whole row is still in the
-    # caches for its squared norm (the mlp's 50 rows: 6.2 ms a round read back cold by the
-    # clients, ~1.5 ms here). Large stacked weights went faster client by client too, on the
-    # 2-core machine: 50 x (512 x 3136) in 190 ms against 315 ms in one copy.
+    # caches for its squared norm (the mlp's clients, reading their rows back cold for it, took
+    # 6.2 ms a round). Large stacked weights went faster client by client too, on the 2-core
+    # machine: 50 x (512 x 3136) in 190 ms against 315 ms in one copy.
     updates = torch.empty(len(group), layout.numel, dtype=flat_dtype, device=device)
     targets = {name: piece.view(len(group), *shapes[name]) for name, piece in zip(layout.names, torch.split(updates, layout.sizes, dim=1))}
     bases = {name: start_pieces[name].view(shapes[name]) for name in targets} if start is not None else {}
