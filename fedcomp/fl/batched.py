@@ -189,30 +189,26 @@ def _train_group(rt: Runtime, group: list[TrainingRequest]) -> None:
             if low_rank is not None:
                 low_rank.advance(len(batch[0]))
             loss_sum += losses.detach()
-    # Every client's flat update is a row of one block, parameter by parameter in the standard
-    # layout: from the shared start where there is one, else the trained parameters with each
-    # client's start subtracted after. Small parameters go in one operation for all clients;
-    # then client by client the large ones, so that the client's whole row is still in the
-    # caches for its squared norm (the mlp's clients, reading their rows back cold for it, took
-    # 6.2 ms a round). Large stacked weights went faster client by client too, on the 2-core
-    # machine: 50 x (512 x 3136) in 190 ms against 315 ms in one copy.
-    updates = torch.empty(len(group), layout.numel, dtype=flat_dtype, device=device)
-    targets = {name: piece.view(len(group), *shapes[name]) for name, piece in zip(layout.names, torch.split(updates, layout.sizes, dim=1))}
-    bases = {name: start_pieces[name].view(shapes[name]) for name in targets} if start is not None else {}
-    large = [name for name in targets if name in low or params[name][0].numel() * params[name].element_size() > _ONE_COPY_BYTES]
-    for name in targets.keys() - set(large):
-        _write(targets[name], params[name].detach(), bases.get(name))
+    # Every client's flat update is a tensor of its own (not a row of one block: a block that
+    # any client's state still held at the next round kept the whole cohort's size from being
+    # reused, and cnn4's 330 MB came from fresh pages every round, 80k page faults and ~0.4 s on
+    # the 2-core VM), written parameter by parameter in the standard layout, from the shared
+    # start where there is one, else the trained parameters with the client's start subtracted
+    # after; then its squared norm, while it is still in the caches (the mlp's clients, reading
+    # their updates back cold for it, took 6.2 ms a round).
+    updates = [torch.empty(layout.numel, dtype=flat_dtype, device=device) for _ in group]
+    bases = {name: start_pieces[name].view(shapes[name]) for name in layout.names} if start is not None else {}
     starts = {} if start is not None else {key: w.to(device) for key, w in {id(r.w): r.w for r in group}.items()}
     sq_norms = torch.empty(len(group), dtype=flat_dtype, device=device)
-    for i, request in enumerate(group):
-        for name in large:
+    for i, (request, update) in enumerate(zip(group, updates)):
+        for name, piece in zip(layout.names, torch.split(update, layout.sizes)):
             if name in low:
-                low_rank.write_update(name, i, targets[name][i])
+                low_rank.write_update(name, i, piece.view(shapes[name]))
             else:
-                _write(targets[name][i], params[name][i].detach(), bases.get(name))
+                _write(piece.view(shapes[name]), params[name][i].detach(), bases.get(name))
         if start is None:
-            updates[i].sub_(starts[id(request.w)])
-        torch.dot(updates[i], updates[i], out=sq_norms[i])
+            update.sub_(starts[id(request.w)])
+        torch.dot(update, update, out=sq_norms[i])
     # One transfer each for the losses, the norms and every momentum buffer, not one per
     # client: on a GPU each was a synchronisation per client.
     totals, norms = loss_sum.tolist(), sq_norms.tolist()
@@ -231,8 +227,6 @@ def _write(out: torch.Tensor, trained: torch.Tensor, start: torch.Tensor | None)
     else:
         torch.sub(trained, start, out=out)
 
-
-_ONE_COPY_BYTES = 1 << 20  # a parameter up to this size per client is unstacked in one copy (see _train_group)
 
 # A stacked parameter's gradient layout (strides), by parameter name and stacked shape, as the
 # first step of an earlier cohort found it: later cohorts stack their parameters in it directly.
