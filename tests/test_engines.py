@@ -392,24 +392,30 @@ def test_cohort_training_with_fused_linear_steps_equals_the_sequential_loop(fast
     """The Linear layers are stepped inside the backward pass (fedcomp.fl.fused_sgd), the
     convolutions from their gradients, momentum fresh each round; every client ends where the
     loop's training does."""
-    from fedcomp.fl.batched import train_cohort
-    from fedcomp.fl.cohort import TrainingRequest
     from fedcomp.fl.fused_sgd import fused_plan
-    from fedcomp.fl.local import train_local
 
     rt = get_runtime(fast_cfg(*extra))
     linear = {f"{prefix}.{n}" for prefix, m in rt.model.named_modules() if type(m) is torch.nn.Linear for n, _ in m.named_parameters()}
     assert fused_plan(rt.model).stepped == linear
-    w, shard = rt.layout.flatten(rt.new_model()), rt.client_indices(0)  # one shard: one group
-    training = rt.local_training
-    requests = [TrainingRequest(w, shard, c, training, None) for c in range(3)]
+    _cohort_equals_the_loop(rt)
+
+
+def _cohort_equals_the_loop(rt) -> None:
+    """Three clients of one shard (one group) trained by ``train_cohort`` end where the loop's
+    training of each does, their losses and updates' squared norms alongside."""
+    from fedcomp.fl.batched import train_cohort
+    from fedcomp.fl.cohort import TrainingRequest
+    from fedcomp.fl.local import train_local
+
+    w, shard = rt.layout.flatten(rt.new_model()), rt.client_indices(0)
+    requests = [TrainingRequest(w, shard, c, rt.local_training, None) for c in range(3)]
     train_cohort(rt, requests)
     for c, request in enumerate(requests):
         rt.layout.load(rt.model, w)
-        loss = train_local(rt.model, rt.train.x, rt.train.y, shard, generator=torch.Generator().manual_seed(c),
-                           **training)
+        loss = train_local(rt.model, rt.train.x, rt.train.y, shard, generator=torch.Generator().manual_seed(c), **rt.local_training)
         torch.testing.assert_close(request.update, rt.layout.flatten(rt.model) - w, rtol=1e-5, atol=1e-6)
         assert request.loss == pytest.approx(loss, rel=1e-6)
+        assert request.update_sq_norm == float(torch.dot(request.update, request.update))
 
 
 @pytest.mark.parametrize("extra", [
@@ -423,26 +429,14 @@ def test_cohort_training_with_low_rank_weights_equals_the_sequential_loop(fast_c
     factors of their steps (fedcomp.fl.fused_sgd.LowRankWeights) where those are smaller than the
     weight; the rest of the model is stepped as before. Every client ends where the loop's
     training does, with the update's squared norm alongside."""
-    from fedcomp.fl.batched import train_cohort
-    from fedcomp.fl.cohort import TrainingRequest
     from fedcomp.fl.fused_sgd import fused_plan
-    from fedcomp.fl.local import train_local
 
     rt = get_runtime(fast_cfg(*LOW_RANK, *extra))
     training = rt.local_training
     plan = fused_plan(rt.model)
     low = plan.low_rank_weights(training["steps"] * training["batch_size"])
     assert low and len(low) < len(plan.linear_shapes)  # one layer kept as factors, the last one stepped
-    w, shard = rt.layout.flatten(rt.new_model()), rt.client_indices(0)  # one shard: one group
-    requests = [TrainingRequest(w, shard, c, training, None) for c in range(3)]
-    train_cohort(rt, requests)
-    for c, request in enumerate(requests):
-        rt.layout.load(rt.model, w)
-        loss = train_local(rt.model, rt.train.x, rt.train.y, shard, generator=torch.Generator().manual_seed(c),
-                           **training)
-        torch.testing.assert_close(request.update, rt.layout.flatten(rt.model) - w, rtol=1e-5, atol=1e-6)
-        assert request.loss == pytest.approx(loss, rel=1e-6)
-        assert request.update_sq_norm == float(torch.dot(request.update, request.update))
+    _cohort_equals_the_loop(rt)
 
 
 @pytest.mark.parametrize(("momentum", "weight_decay"), [(0.0, 0.0), (0.0, 0.01), (0.9, 0.0), (0.9, 0.01)])
@@ -511,33 +505,28 @@ def test_a_cohort_of_clients_starting_from_different_models_trains_each_from_its
             assert torch.equal(request.update, rt.layout.flatten(rt.model) - start)
 
 
-@pytest.mark.parametrize("momentum", [0.0, 0.9])
-def test_a_fused_plan_steps_each_client_as_sgd_does(momentum):
-    """Any Sequential: nested, a Linear on 3-d per-client inputs, one without bias, elementwise
-    and vmapped layers between. Three steps of the plan equal three SGD steps of each client
-    alone (autograd's gradients, LocalSGD's arithmetic)."""
+def _plan_steps_each_client_as_sgd_does(model, x: torch.Tensor, y: torch.Tensor, momentum: float, stepped: set[str]) -> None:
+    """Three steps of ``model``'s fused plan (its ``stepped`` parameters stepped in the backward,
+    the rest from autograd's gradients) from random per-client parameters equal three SGD steps
+    of each client alone (autograd's gradients, LocalSGD's arithmetic)."""
     from torch import nn
 
     from fedcomp.fl.fused_sgd import SGD, cohort_losses, fused_plan
     from fedcomp.fl.local import LocalSGD
 
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Sequential(nn.Linear(4, 6), nn.ReLU(inplace=True)), nn.LayerNorm(6), nn.Flatten(), nn.Linear(18, 6, bias=False),
-                          nn.GELU(), nn.Linear(6, 3))
-    clients = [[torch.randn_like(p) for p in model.parameters()] for _ in range(3)]
-    x, y = torch.randn(3, 5, 3, 4), torch.randint(0, 3, (3, 5))
+    clients = [[torch.randn_like(p) for p in model.parameters()] for _ in range(len(x))]
     lr, weight_decay = 0.1, 0.01
     names = [n for n, _ in model.named_parameters()]
     params = {n: torch.stack([c[i] for c in clients]) for i, n in enumerate(names)}
     plan, sgd = fused_plan(model), SGD(lr, momentum, weight_decay)
-    assert plan.stepped == {"0.0.weight", "0.0.bias", "3.weight", "5.weight", "5.bias"}
-    for name in plan.stepped ^ set(names):
+    assert plan.stepped == stepped
+    rest = [n for n in names if n not in plan.stepped]
+    for name in rest:
         params[name].requires_grad_()
     with torch.no_grad():
         for _ in range(3):
             with torch.enable_grad():
                 losses = cohort_losses(plan.logits(params, x, sgd), y)
-                rest = [n for n in names if n not in plan.stepped]
                 grads = torch.autograd.grad(losses.sum(), [params[n] for n in rest] + [plan.anchor], allow_unused=True)
             for name, grad in zip(rest, grads):
                 sgd.step_(name, params[name], grad)
@@ -554,46 +543,29 @@ def test_a_fused_plan_steps_each_client_as_sgd_does(momentum):
             torch.testing.assert_close(params[name][i].detach(), p.detach(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_a_fused_plan_steps_each_client_as_sgd_does(momentum):
+    """Any Sequential: nested, a Linear on 3-d per-client inputs, one without bias, elementwise
+    and vmapped layers between."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Sequential(nn.Linear(4, 6), nn.ReLU(inplace=True)), nn.LayerNorm(6), nn.Flatten(), nn.Linear(18, 6, bias=False),
+                          nn.GELU(), nn.Linear(6, 3))
+    _plan_steps_each_client_as_sgd_does(model, torch.randn(3, 5, 3, 4), torch.randint(0, 3, (3, 5)), momentum,
+                                        {"0.0.weight", "0.0.bias", "3.weight", "5.weight", "5.bias"})
+
+
 def test_a_fused_plan_runs_convolutions_grouped_and_steps_each_client_as_sgd_does():
     """Convolutions (with and without bias, strided, padded) as one grouped convolution of all
     clients, the activations kept channel-grouped through ReLU, max-pools (run before the ReLU
-    they follow) and an adaptive pool, back to clients-first for the Linear layer: three steps
-    equal three SGD steps of each client alone."""
+    they follow) and an adaptive pool, back to clients-first for the Linear layer."""
     from torch import nn
-
-    from fedcomp.fl.fused_sgd import SGD, cohort_losses, fused_plan
-    from fedcomp.fl.local import LocalSGD
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 3, 3, stride=2, padding=1, bias=False),
                           nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 3))
-    clients = [[torch.randn_like(p) for p in model.parameters()] for _ in range(3)]
-    x, y = torch.randn(3, 5, 2, 8, 8), torch.randint(0, 3, (3, 5))
-    names = [n for n, _ in model.named_parameters()]
-    params = {n: torch.stack([c[i] for c in clients]) for i, n in enumerate(names)}
-    plan, sgd = fused_plan(model), SGD(0.1, 0.9, 0.01)
-    rest = [n for n in names if n not in plan.stepped]
-    assert rest == ["0.weight", "0.bias", "3.weight"]
-    for name in rest:
-        params[name].requires_grad_()
-    with torch.no_grad():
-        for _ in range(3):
-            with torch.enable_grad():
-                losses = cohort_losses(plan.logits(params, x, sgd), y)
-                grads = torch.autograd.grad(losses.sum(), [params[n] for n in rest] + [plan.anchor], allow_unused=True)
-            for name, grad in zip(rest, grads):
-                sgd.step_(name, params[name], grad)
-    for i, values in enumerate(clients):
-        with torch.no_grad():
-            for p, v in zip(model.parameters(), values):
-                p.copy_(v)
-        opt = LocalSGD(list(model.parameters()), lr=0.1, momentum=0.9, weight_decay=0.01)
-        for _ in range(3):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x[i]), y[i]).backward()
-            opt.step()
-        for name, p in model.named_parameters():
-            torch.testing.assert_close(params[name][i].detach(), p.detach(), rtol=1e-5, atol=1e-6)
+    _plan_steps_each_client_as_sgd_does(model, torch.randn(3, 5, 2, 8, 8), torch.randint(0, 3, (3, 5)), 0.9, {"7.weight", "7.bias"})
 
 
 def test_a_max_pool_after_a_relu_runs_first_with_the_same_values_and_gradients():

@@ -28,6 +28,7 @@ def test_all_finite_finds_every_nan_and_inf(dtype, path):
             y[at] = bad
             assert not vectors.all_finite(y)
     assert vectors.all_finite(torch.arange(5))  # integers are finite
+    assert vectors.all_finite(torch.full((10,), torch.finfo(dtype).max, dtype=dtype))  # finite, though their squares overflow
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
