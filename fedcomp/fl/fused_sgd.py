@@ -249,7 +249,7 @@ def _client_first(h: Activations) -> torch.Tensor:
 
 
 def _as_is(module: nn.Module, h: Activations) -> Activations:
-    """An elementwise or per-channel layer on either layout."""
+    """An elementwise layer on either layout, or a per-channel one on channel-grouped activations."""
     return _ChannelGrouped(module(h.t), h.clients) if isinstance(h, _ChannelGrouped) else module(h)
 
 
@@ -275,12 +275,18 @@ class FusedPlan:
                 self._steps.append(functools.partial(self._linear, names))
             elif type(module) is nn.Conv2d and module.padding_mode == "zeros":
                 self._steps.append(functools.partial(_convolution, module, names))
-            elif type(module) in _ELEMENTWISE or (type(module) in _PER_CHANNEL and not getattr(module, "return_indices", False)):
+            elif type(module) in _ELEMENTWISE:
                 self._steps.append(lambda params, h, sgd, low_rank, m=module: _as_is(m, h))
             else:
                 vmapped = vmap(lambda p, h, m=module: functional_call(m, p, (h,)))
-                self._steps.append(lambda params, h, sgd, low_rank, f=vmapped, names=names:
-                                   f({k: params[v] for k, v in names.items()}, _client_first(h)))
+                if type(module) in _PER_CHANNEL and not getattr(module, "return_indices", False):
+                    # On channel-grouped activations as it is; clients-first (a pool before any
+                    # convolution) it needs the per-client shape, as every other layer.
+                    self._steps.append(lambda params, h, sgd, low_rank, m=module, f=vmapped:
+                                       _as_is(m, h) if isinstance(h, _ChannelGrouped) else f({}, h))
+                else:
+                    self._steps.append(lambda params, h, sgd, low_rank, f=vmapped, names=names:
+                                       f({k: params[v] for k, v in names.items()}, _client_first(h)))
 
     def low_rank_weights(self, rows: int) -> list[str]:
         """The Linear weights whose gradient factors over ``rows`` rows a client (a cohort's
