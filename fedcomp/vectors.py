@@ -44,16 +44,18 @@ def clone(x: torch.Tensor) -> torch.Tensor:
 def all_finite(x: torch.Tensor) -> bool:
     """No NaN or Inf in ``x``: its minimum and maximum are finite (NaN propagates through
     both). An order of magnitude faster than ``isfinite(x).all()``, which builds a boolean copy.
-    In numpy, first the one pass of x . x: a finite sum of squares has only finite terms (the
-    minimum and maximum, two passes, then decide only where it is not, which finite values
-    above ~1e19 can also cause). A 0.8 MB vector out of the caches: ~50 against ~70 us."""
+    In numpy, one pass of x . x comes first: a finite sum of squares has only finite terms. Only
+    where it is not finite (a NaN or Inf, or finite values whose squares overflow the dtype) do
+    the two passes of the minimum and maximum decide. A 0.8 MB float32 vector out of the
+    caches: ~50 against ~70 us."""
     if not x.is_floating_point() or x.numel() == 0:
         return True
     if in_numpy(x):
         a = x.detach().numpy()
         if a.flags.c_contiguous:
+            flat = a.reshape(-1)
             with np.errstate(over="ignore", invalid="ignore"):  # overflow is an answer here, not a fault
-                if math.isfinite(float(np.dot(a.reshape(-1), a.reshape(-1)))):
+                if math.isfinite(float(np.dot(flat, flat))):
                     return True
         return math.isfinite(a.min()) and math.isfinite(a.max())
     low, high = torch.aminmax(x)

@@ -48,7 +48,7 @@ from torch.func import functional_call, vmap
 from fedcomp.fl.client_app import make_client_app
 from fedcomp.fl.cohort import TrainingRequest, set_parking, train_in_place
 from fedcomp.fl.engine import InlineGrid, call_client_app, client_threads, declare_server_task, state_store
-from fedcomp.fl.fused_sgd import SGD, LowRankWeights, cohort_losses, fused_plan
+from fedcomp.fl.fused_sgd import SGD, FusedPlan, LowRankWeights, cohort_losses, fused_plan
 from fedcomp.fl.local import batches, local_steps, samples_trained
 from fedcomp.fl.runtime import Runtime, get_runtime
 from fedcomp.fl.server_app import run_server
@@ -116,9 +116,7 @@ def _by_start(model: nn.Module, group: list[TrainingRequest]) -> list[list[Train
     members on stale replicas) and the model has Linear weights ``LowRankWeights`` can hold,
     as two: the clients sharing the most common start (their weights then held as factors)
     and the others."""
-    plan, t = fused_plan(model), group[0].training
-    rows = samples_trained(len(group[0].indices), epochs=t["epochs"], steps=t["steps"], batch_size=t["batch_size"])
-    if plan is None or _carries_momentum(group[0]) or not plan.low_rank_weights(rows):
+    if not _low_rank_names(fused_plan(model), group[0]):
         return [group]
     by_start: dict[tuple, list[TrainingRequest]] = {}
     for request in group:
@@ -134,6 +132,18 @@ def _carries_momentum(request: TrainingRequest) -> bool:
     return request.buffers is not None and request.training["momentum"] > 0
 
 
+def _rows(request: TrainingRequest) -> int:
+    """The rows (samples) the request's whole local training processes."""
+    t = request.training
+    return samples_trained(len(request.indices), epochs=t["epochs"], steps=t["steps"], batch_size=t["batch_size"])
+
+
+def _low_rank_names(plan: FusedPlan | None, request: TrainingRequest) -> list[str]:
+    """The Linear weights ``LowRankWeights`` can hold for clients training as ``request`` does
+    from one shared start: none without a fused plan or where momentum buffers are carried in."""
+    return plan.low_rank_weights(_rows(request)) if plan is not None and not _carries_momentum(request) else []
+
+
 def _train_group(rt: Runtime, group: list[TrainingRequest]) -> None:
     model, layout, device = rt.model, rt.layout, rt.device
     flat_dtype = group[0].w.dtype
@@ -146,21 +156,23 @@ def _train_group(rt: Runtime, group: list[TrainingRequest]) -> None:
     stepped = plan.stepped if plan is not None else set()
     steps = list(zip(*[_batches(r) for r in group]))  # per step, each client's batch indices
     # The round's one broadcast, when every client starts from it (the usual case; HGC's stale
-    # replicas are the exception): its Linear weights can stay shared (LowRankWeights) and the
+    # replicas are the exception), moved to the device once for all its uses: the stacked
+    # parameters start from it, its Linear weights can stay shared (LowRankWeights) and the
     # updates are written against it directly.
     first = group[0].w
     start = first.to(device) if all(r.w.data_ptr() == first.data_ptr() and r.w.device == first.device for r in group) else None
     start_pieces = dict(zip(layout.names, torch.split(start, layout.sizes))) if start is not None else {}
-    rows = sum(len(batch[0]) for batch in steps)  # each client's rows over the whole training
-    low = plan.low_rank_weights(rows) if plan is not None and start is not None and not carried else []
+    low = _low_rank_names(plan, group[0]) if start is not None else []
     pieces = list(zip(*[torch.split(r.w, layout.sizes) for r in group]))
-    params = {name: _stacked(name, chunks, shape, device, gradient_layout=name not in stepped).requires_grad_(name not in stepped)
+    params = {name: _stacked(name, chunks, shape, device, gradient_layout=name not in stepped,
+                             shared=start_pieces.get(name)).requires_grad_(name not in stepped)
               for name, chunks, shape in zip(layout.names, pieces, layout.shapes) if name not in low}
     buffers = {name: _stacked(name, tuple(r.buffers[name] for r in group), params[name].shape[1:], device,
                               gradient_layout=name not in stepped) for name in names if carried and name in group[0].buffers}
     sgd = SGD(lr, momentum, weight_decay, buffers)
     shapes = dict(zip(layout.names, layout.shapes))
-    low_rank = LowRankWeights({name: start_pieces[name].view(shapes[name]) for name in low}, len(group), rows, sgd) if low else None
+    low_rank = LowRankWeights({name: start_pieces[name].view(shapes[name]) for name in low}, len(group), _rows(group[0]),
+                              sgd) if low else None
 
     # Only the forward pass is vmapped; one backward of the summed losses gives every client's
     # gradient (client i's loss depends on its own parameters only). torch.func.grad would do
@@ -234,19 +246,18 @@ _GRADIENT_STRIDES: dict[tuple[str, tuple[int, ...]], tuple[int, ...]] = {}
 
 
 def _stacked(name: str, chunks: tuple[torch.Tensor, ...], shape: tuple[int, ...], device: torch.device,
-             gradient_layout: bool = True) -> torch.Tensor:
+             gradient_layout: bool = True, shared: torch.Tensor | None = None) -> torch.Tensor:
     """The clients' flat chunks of one parameter stacked on a leading axis, in the layout its
-    gradient is known to come in (``gradient_layout``) or the standard one."""
+    gradient is known to come in (``gradient_layout``) or the standard one. ``shared``: the
+    chunk every client has, already on ``device`` (the round's one broadcast)."""
     size = (len(chunks), *shape)
     strides = _GRADIENT_STRIDES.get((name, size)) if gradient_layout else None
     out = torch.empty(size, dtype=chunks[0].dtype, device=device) if strides is None else \
         torch.empty_strided(size, strides, dtype=chunks[0].dtype, device=device)
-    first = chunks[0]
-    if all(c.data_ptr() == first.data_ptr() and c.device == first.device for c in chunks):
-        # Every client starts from the round's one broadcast: one copy (one transfer to a GPU)
-        # of it, broadcast over the clients. On the CPU too it beat the copy per client:
-        # 0.67 against 0.94-1.0 ms for the mlp's 50 x (200 x 784) weights.
-        out.copy_(first.reshape(shape).to(device).expand(size))
+    if shared is not None:
+        # One copy of it, broadcast over the clients. On the CPU too it beat the copy per
+        # client: 0.67 against 0.94-1.0 ms for the mlp's 50 x (200 x 784) weights.
+        out.copy_(shared.view(shape).expand(size))
     else:
         for slot, chunk in zip(out, chunks):
             slot.copy_(chunk.reshape(shape))

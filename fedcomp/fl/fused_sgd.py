@@ -122,7 +122,6 @@ class LowRankWeights:
         self.start, self.sgd = start, sgd
         self.inputs = {n: w.new_empty(clients, rows, w.shape[1]) for n, w in start.items()}
         self.deltas = {n: w.new_empty(clients, rows, w.shape[0]) for n, w in start.items()}
-        self.filled = 0  # rows of factors kept so far
         self.scale, self.coefs = 1.0, []  # a_t and c_{t,s}, one per step so far
         self.buffer_scale, self.buffer_coefs = 0.0, []  # the momentum buffer's, likewise
         self.rows: list[int] = []
@@ -130,6 +129,11 @@ class LowRankWeights:
 
     def __contains__(self, name: str) -> bool:
         return name in self.start
+
+    @property
+    def filled(self) -> int:
+        """Rows of factors kept so far (every step's rows, each with its coefficient)."""
+        return self._row_coefs.numel()
 
     def forward(self, name: str, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x W_t^T (+ bias) for each client's rows ``x`` (clients, rows, in)."""
@@ -172,7 +176,6 @@ class LowRankWeights:
         self.scale -= lr * direction_scale
         self.coefs = [c - lr * d for c, d in zip([*self.coefs, 0.0], direction)]
         self.rows.append(rows)
-        self.filled += rows
         per_row = torch.repeat_interleave(torch.tensor(self.coefs, dtype=torch.float64), torch.tensor(self.rows))
         self._row_coefs = per_row.to(self._row_coefs.device, self._row_coefs.dtype)
 

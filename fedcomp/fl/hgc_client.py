@@ -76,7 +76,7 @@ class SharedSync:
 
     @staticmethod
     def _equal(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
-        return a is b if a is None or b is None else a is b or torch.equal(a, b)
+        return a is b or (a is not None and b is not None and torch.equal(a, b))
 
     def get(self, record: tuple, held: tuple) -> tuple | None:
         for rec, sources, result in self._entries:
