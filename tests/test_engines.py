@@ -569,6 +569,20 @@ def test_a_fused_plan_runs_convolutions_grouped_and_steps_each_client_as_sgd_doe
     _plan_steps_each_client_as_sgd_does(model, torch.randn(3, 5, 2, 16, 16), torch.randint(0, 3, (3, 5)), 0.9, {"8.weight", "8.bias"})
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+def test_channel_grouped_activations_are_channels_last_on_the_cpu(channels):
+    """What makes the grouped convolutions and the max-pools after them run channels-last."""
+    from fedcomp.fl.fused_sgd import _grouped
+
+    h = torch.randn(4, 5, channels, 6, 7)  # clients, rows, channels, H, W
+    grouped = _grouped(h)
+    assert grouped.t.shape == (5, 4 * channels, 6, 7)
+    assert grouped.t.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(grouped.client_first(), h)
+    out = torch.nn.functional.conv2d(grouped.t, torch.randn(4 * 2, channels, 3, 3), None, 1, 1, 1, 4)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_a_max_pool_after_a_relu_runs_first_with_the_same_values_and_gradients():
     from torch import nn
 

@@ -226,7 +226,8 @@ class _ChannelGrouped:
     """A cohort's activations as one batch with the clients' channels side by side,
     (rows, clients x channels, *spatial): a grouped convolution's layout, in which convolutions,
     elementwise layers and per-channel pools follow one another without moving the clients'
-    axis back and forth."""
+    axis back and forth. On the CPU the channels are innermost in memory (channels-last; see
+    ``_grouped``), and the layers after a convolution keep that order."""
 
     t: torch.Tensor
     clients: int
@@ -241,9 +242,20 @@ Step = Callable[[dict[str, torch.Tensor], Activations, SGD, LowRankWeights | Non
 
 
 def _grouped(h: Activations) -> _ChannelGrouped:
+    """Clients-first activations (clients, rows, channels, *spatial) channel-grouped. On the CPU
+    a 2-d convolution's input is laid out channels-last, so that oneDNN's grouped convolution and
+    everything after it (ReLU, max-pool) run channels-last too: PyTorch's NCHW max-pool scans each
+    window in scalar code, 29 ms a step for cnn4's first pool over 50 clients of batch 10 against
+    3.8 ms channels-last, and the first convolution ran in 4.8 against 10.7 ms. cnn4's two
+    convolution blocks (convolution, pool, ReLU; forward and backward) took 130 against 179 ms a
+    step on the 2-core CPU. GPUs keep the default layout (not measured there)."""
     if isinstance(h, _ChannelGrouped):
         return h
     clients, rows, channels, *spatial = h.shape
+    if h.device.type == "cpu" and len(spatial) == 2:
+        # (rows, H, W, clients x channels) in memory, one copy; viewed as (rows, clients x channels, H, W)
+        t = h.permute(1, 3, 4, 0, 2).contiguous().view(rows, *spatial, clients * channels).permute(0, 3, 1, 2)
+        return _ChannelGrouped(t, clients)
     return _ChannelGrouped(h.transpose(0, 1).reshape(rows, clients * channels, *spatial), clients)
 
 
