@@ -557,16 +557,16 @@ def test_a_fused_plan_steps_each_client_as_sgd_does(momentum):
 
 
 def test_a_fused_plan_runs_convolutions_grouped_and_steps_each_client_as_sgd_does():
-    """Convolutions (with and without bias, strided, padded) as one grouped convolution of all
+    """Convolutions (with and without bias, strided, padded, grouped) as one grouped convolution of all
     clients, the activations kept channel-grouped through ReLU, max-pools (run before the ReLU
     they follow) and an adaptive pool, back to clients-first for the Linear layer; a pool
     before any convolution runs on the clients-first activations."""
     from torch import nn
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.AvgPool2d(2), nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+    model = nn.Sequential(nn.AvgPool2d(2), nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3, padding=1, groups=2),
                           nn.Conv2d(4, 3, 3, stride=2, padding=1, bias=False), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 3))
-    _plan_steps_each_client_as_sgd_does(model, torch.randn(3, 5, 2, 16, 16), torch.randint(0, 3, (3, 5)), 0.9, {"8.weight", "8.bias"})
+    _plan_steps_each_client_as_sgd_does(model, torch.randn(3, 5, 2, 16, 16), torch.randint(0, 3, (3, 5)), 0.9, {"9.weight", "9.bias"})
 
 
 @pytest.mark.parametrize("channels", [1, 3])
