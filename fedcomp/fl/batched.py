@@ -100,32 +100,38 @@ def train_cohort(rt: Runtime, requests: list[TrainingRequest]) -> None:
     groups: dict[tuple, list[TrainingRequest]] = {}
     for request in requests:
         groups.setdefault(_group_key(request), []).append(request)
-    for group in [part for same_shape in groups.values() for part in _by_start(rt.model, same_shape)]:
+    plan = fused_plan(rt.model)
+    for group in [part for same_shape in groups.values() for part in _by_start(plan, same_shape)]:
         if len(group) == 1:  # HGC's mask owner, a lone stale replica: the sequential loop is faster for one client
             train_in_place(rt, group[0])
             continue
         start = time.perf_counter()
-        _train_group(rt, group)
+        _train_group(rt, group, plan)
         share = (time.perf_counter() - start) / len(group)
         for request in group:
             request.compute_s = share
 
 
-def _by_start(model: nn.Module, group: list[TrainingRequest]) -> list[list[TrainingRequest]]:
+def _by_start(plan: FusedPlan | None, group: list[TrainingRequest]) -> list[list[TrainingRequest]]:
     """``group`` as one computation, or, where its clients start from different models (HGC's
-    members on stale replicas) and the model has Linear weights ``LowRankWeights`` can hold,
-    as two: the clients sharing the most common start (their weights then held as factors)
-    and the others."""
-    if not _low_rank_names(fused_plan(model), group[0]):
+    members on stale replicas) and the model (``plan``: its fused plan) has Linear weights
+    ``LowRankWeights`` can hold, as two: the clients sharing the most common start (their
+    weights then held as factors) and the others."""
+    if not _low_rank_names(plan, group[0]):
         return [group]
     by_start: dict[tuple, list[TrainingRequest]] = {}
     for request in group:
-        by_start.setdefault((request.w.data_ptr(), request.w.device), []).append(request)
+        by_start.setdefault(_start_of(request), []).append(request)
     common = max(by_start.values(), key=len)
     if len(by_start) == 1 or len(common) == 1:
         return [group]
     taken = {id(request) for request in common}
     return [common, [request for request in group if id(request) not in taken]]
+
+
+def _start_of(request: TrainingRequest) -> tuple:
+    """Which vector the request starts from: clients of a round share the one broadcast tensor."""
+    return request.w.data_ptr(), request.w.device
 
 
 def _carries_momentum(request: TrainingRequest) -> bool:
@@ -144,7 +150,7 @@ def _low_rank_names(plan: FusedPlan | None, request: TrainingRequest) -> list[st
     return plan.low_rank_weights(_rows(request)) if plan is not None and not _carries_momentum(request) else []
 
 
-def _train_group(rt: Runtime, group: list[TrainingRequest]) -> None:
+def _train_group(rt: Runtime, group: list[TrainingRequest], plan: FusedPlan | None) -> None:
     model, layout, device = rt.model, rt.layout, rt.device
     flat_dtype = group[0].w.dtype
     model.train()
@@ -152,27 +158,24 @@ def _train_group(rt: Runtime, group: list[TrainingRequest]) -> None:
     lr, momentum, weight_decay = t["lr"], t["momentum"], t["weight_decay"]
     names = [name for name, _ in model.named_parameters()]
     carried = _carries_momentum(group[0])
-    plan = fused_plan(model)
     stepped = plan.stepped if plan is not None else set()
     steps = list(zip(*[_batches(r) for r in group]))  # per step, each client's batch indices
     # The round's one broadcast, when every client starts from it (the usual case; HGC's stale
     # replicas are the exception), moved to the device once for all its uses: the stacked
     # parameters start from it, its Linear weights can stay shared (LowRankWeights) and the
     # updates are written against it directly.
-    first = group[0].w
-    start = first.to(device) if all(r.w.data_ptr() == first.data_ptr() and r.w.device == first.device for r in group) else None
-    start_pieces = dict(zip(layout.names, torch.split(start, layout.sizes))) if start is not None else {}
+    start = group[0].w.to(device) if len({_start_of(r) for r in group}) == 1 else None
+    shapes = dict(zip(layout.names, layout.shapes))
+    bases = {name: piece.view(shapes[name]) for name, piece in zip(layout.names, torch.split(start, layout.sizes))} if start is not None else {}
     low = _low_rank_names(plan, group[0]) if start is not None else []
     pieces = list(zip(*[torch.split(r.w, layout.sizes) for r in group]))
     params = {name: _stacked(name, chunks, shape, device, gradient_layout=name not in stepped,
-                             shared=start_pieces.get(name)).requires_grad_(name not in stepped)
+                             shared=bases.get(name)).requires_grad_(name not in stepped)
               for name, chunks, shape in zip(layout.names, pieces, layout.shapes) if name not in low}
     buffers = {name: _stacked(name, tuple(r.buffers[name] for r in group), params[name].shape[1:], device,
                               gradient_layout=name not in stepped) for name in names if carried and name in group[0].buffers}
     sgd = SGD(lr, momentum, weight_decay, buffers)
-    shapes = dict(zip(layout.names, layout.shapes))
-    low_rank = LowRankWeights({name: start_pieces[name].view(shapes[name]) for name in low}, len(group), _rows(group[0]),
-                              sgd) if low else None
+    low_rank = LowRankWeights({name: bases[name] for name in low}, len(group), _rows(group[0]), sgd) if low else None
 
     # Only the forward pass is vmapped; one backward of the summed losses gives every client's
     # gradient (client i's loss depends on its own parameters only). torch.func.grad would do
@@ -209,7 +212,6 @@ def _train_group(rt: Runtime, group: list[TrainingRequest]) -> None:
     # after; then its squared norm, while it is still in the caches (the mlp's clients, reading
     # their updates back cold for it, took 6.2 ms a round).
     updates = [torch.empty(layout.numel, dtype=flat_dtype, device=device) for _ in group]
-    bases = {name: start_pieces[name].view(shapes[name]) for name in layout.names} if start is not None else {}
     starts = {} if start is not None else {key: w.to(device) for key, w in {id(r.w): r.w for r in group}.items()}
     sq_norms = torch.empty(len(group), dtype=flat_dtype, device=device)
     for i, (request, update) in enumerate(zip(group, updates)):
