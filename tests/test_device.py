@@ -68,7 +68,7 @@ def test_compressors_work_on_cuda_tensors_and_give_the_cpu_payload(name, error_f
         for c in (a, b):
             c.reseed(rnd)
             c.set_round(rnd + 1)
-        on_cpu, on_gpu = a.compress(x), b.compress(x.cuda())
+        on_cpu, on_gpu = a.compress(x), b.compress_donated(x.cuda())  # donated, as a client does
         assert on_cpu == on_gpu
         assert torch.equal(b.decompress(on_gpu), a.decompress(on_cpu))
         b.load_state({k: v.cpu() for k, v in b.state().items()})
@@ -84,8 +84,8 @@ def test_the_uplink_compressor_sees_the_update_on_the_training_device(fast_cfg, 
 
     def spied(*args):  # the round's compressor, as the client's round gets it, whatever its class
         up = loaded(*args)
-        compress = type(up).compress.__get__(up)  # the class's, not a spy left by an earlier round
-        monkeypatch.setattr(up, "compress", lambda x: seen.append(x.device.type) or compress(x))
+        compress = type(up).compress_donated.__get__(up)  # the class's, not a spy left by an earlier round
+        monkeypatch.setattr(up, "compress_donated", lambda x: seen.append(x.device.type) or compress(x))
         return up
 
     monkeypatch.setattr(client_app, "uplink_compressor", spied)
@@ -110,7 +110,7 @@ def test_hgc_uplink_on_cuda_gives_the_cpu_payload(bits):
     for _ in range(3):
         update = torch.randn(10_000, generator=gen)
         (payload, mask, held), (on_gpu, gpu_mask, gpu_held) = (
-            encode_update(update.to(device), memory[device], shared, 0.01, settings, segments, predictor) for device in ("cpu", "cuda"))
+            encode_update(update.clone().to(device), memory[device], shared, 0.01, settings, segments, predictor) for device in ("cpu", "cuda"))
         assert on_gpu == payload and torch.equal(gpu_mask, mask) and gpu_mask.device.type == "cpu"
         assert gpu_held.device.type == "cuda" and torch.equal(gpu_held.cpu(), held)
         memory, shared = {"cpu": held, "cuda": gpu_held.cpu()}, mask

@@ -38,6 +38,12 @@ class Compressor(ABC):
         override it so that error feedback and aggregation touch k entries, not d."""
         return None, self.decompress(payload, shape, dtype).reshape(-1)
 
+    def compress_donated(self, x: torch.Tensor) -> bytes:
+        """``compress(x)`` where the caller hands ``x`` over and never reads it again (as JAX's
+        buffer donation): a stateful compressor may overwrite it and keep its storage as state
+        (error feedback's residual). By default, ``compress``."""
+        return self.compress(x)
+
     def compress_decoded(self, x: torch.Tensor) -> tuple[bytes, tuple[torch.Tensor | None, torch.Tensor]]:
         """``compress(x)`` and the receiver's ``decompress_sparse`` of it, D(p): what error
         feedback subtracts. Compressors that hold D(p) while encoding return it without

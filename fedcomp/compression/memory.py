@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from fedcomp import vectors
 from fedcomp.compression.base import Compressor
 
 
@@ -22,19 +23,30 @@ class ErrorFeedback(Compressor):
 
     def compress(self, x: torch.Tensor) -> bytes:
         flat = x.detach().reshape(-1).float()
-        if self.residual.numel() == flat.numel():
-            corrected = flat + self.residual.to(flat.device)
-        else:  # e_0 = 0, added as a scalar (as a zero vector would be: -0.0 becomes +0.0) without a d-sized zero vector
-            corrected = flat + 0.0
+        return self._compress_corrected(x, flat + self._residual_for(flat))
+
+    def compress_donated(self, x: torch.Tensor) -> bytes:
+        """``compress`` with x_t + e_t summed in ``x``'s own storage, which then holds e_{t+1}:
+        a client's fresh update need not be copied into a new d-sized vector every round."""
+        flat = x.detach().reshape(-1).float()
+        return self._compress_corrected(x, vectors.add_(flat, self._residual_for(flat)))
+
+    def _residual_for(self, flat: torch.Tensor) -> torch.Tensor | float:
+        """e_t on ``flat``'s device; e_0 = 0 as a scalar (added, -0.0 becomes +0.0 as with a zero
+        vector), without a d-sized zero vector."""
+        return self.residual.to(flat.device) if self.residual.numel() == flat.numel() else 0.0
+
+    def _compress_corrected(self, x: torch.Tensor, corrected: torch.Tensor) -> bytes:
+        """C(x_t + e_t) from ``corrected`` (flat x_t + e_t), which is then turned into e_{t+1}
+        in place and kept."""
         payload, (idx, values) = self.inner.compress_decoded(corrected.reshape(x.shape).to(x.dtype))
-        # In place: ``corrected`` is this call's own tensor, and a fresh d-sized buffer per client
-        # and round costs page faults as well as the copy. A sparse D(p) is zero off its indices,
-        # where c - 0 = c exactly, so only its k entries are touched.
-        values = values.to(flat.device, torch.float32)
+        # In place: a sparse D(p) is zero off its indices, where c - 0 = c exactly, so only its
+        # k entries are touched.
+        values = values.to(corrected.device, torch.float32)
         if idx is None:
             corrected.sub_(values)
         else:
-            idx = idx.to(flat.device)
+            idx = idx.to(corrected.device)
             corrected.index_put_((idx,), corrected[idx] - values)
         self.residual = corrected
         return payload

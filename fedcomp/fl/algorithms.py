@@ -39,7 +39,10 @@ class ClientAlgorithm:
         return None
 
     def client_extras(self, update: torch.Tensor, state, extras: dict[str, torch.Tensor], steps: int, lr: float) -> dict[str, torch.Tensor]:
-        """Tensors to send up beside the update (after local training)."""
+        """Tensors to send up beside the update (after local training). ``update`` is lent, on
+        the CPU: the uplink compressor takes it over after this call and may overwrite it
+        (``Compressor.compress_donated``), so keep a copy of anything derived from it, never
+        the tensor itself."""
         return {}
 
     def server_extras(self, d: int) -> dict[str, torch.Tensor]:

@@ -103,7 +103,8 @@ def train_round(
     update = result.update
     samples = samples_trained(n, epochs=training["epochs"], steps=training["steps"], batch_size=training["batch_size"])
     # The update stays on the training device for the compressor; a client algorithm that keeps
-    # state from it (SCAFFOLD's c_i, in the CPU state store) gets a CPU copy.
+    # state from it (SCAFFOLD's c_i, in the CPU state store) reads it on the CPU (the tensor
+    # itself when training ran there: lent, as ``client_extras`` says).
     reads_update = type(rt.algorithm).client_extras is not ClientAlgorithm.client_extras
     host = update.cpu() if reads_update else update
     up_extras = rt.algorithm.encode(rt.algorithm.client_extras(host, state, extras, steps, training["lr"]))

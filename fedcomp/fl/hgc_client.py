@@ -19,6 +19,7 @@ from collections import deque
 import torch
 from flwr.app import ConfigRecord, Message
 
+from fedcomp import vectors
 from fedcomp.coding import decode_indices, encode_indices
 from fedcomp.compression.base import check_finite
 from fedcomp.fl import messages as M
@@ -163,13 +164,14 @@ def encode_update(update: torch.Tensor, memory: torch.Tensor | None, shared_mask
     """The client's uplink (Fig. 1): error feedback, the mask (the round's shared one, or this
     client's top-k as the round's owner), Eq. 3 levels and the XOR residue against the Eq. 4
     prediction. Returns (payload, mask on the CPU, new error-feedback memory on the update's
-    device).
+    device). ``update`` is handed over (``Compressor.compress_donated``): the new memory is
+    built in its storage.
 
     Error feedback, the top-k and the residual run where ``update`` lives (the training device);
     only the k chosen values and indices move to the CPU to be quantized, predicted and coded.
     Eq. 3's level means are float64 sums in one fixed order there, and every device-side step is
     one IEEE float32 operation per coordinate, so the payload is the CPU path's byte for byte."""
-    x = update + (memory.to(update.device) if memory is not None else 0)
+    x = vectors.add_(update, memory.to(update.device) if memory is not None else 0.0)
     # Before anything is kept: a diverged client fails its round with its state as it was, as
     # every other compressor's client does, instead of keeping a NaN residual for good.
     check_finite(x)
@@ -177,8 +179,8 @@ def encode_update(update: torch.Tensor, memory: torch.Tensor | None, shared_mask
     mask = on_device.cpu()
     cuts = segments.cuts(mask)
     symbols, levels = quantize_segments(x[on_device].cpu(), cuts, settings.bits)
-    # The new memory is x itself, updated in place: x is this call's own sum, and the masked
-    # values were copied out above (as error feedback does; a clone cost a d-sized pass).
+    # The new memory is x itself, updated in place: the masked values were copied out above
+    # (as error feedback does; a clone cost a d-sized pass).
     memory = x
     memory[on_device] -= dequantize_segments(symbols, levels, cuts).to(x.device)
     if settings.predictive:
