@@ -45,7 +45,7 @@ def uplink_compressor(rt: Runtime, state: ClientState, seed: int, config: Config
 
 @dataclass
 class LocalResult:
-    update: torch.Tensor  # local model minus the received one, flat, on the training device (the compressor's input)
+    update: torch.Tensor  # local model minus the received one, flat, on the training device (donated to the compressor)
     loss: float
     compute_s: float  # measured on the host (the simulated time is the server's model)
     num_examples: int
