@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What needs a CUDA machine, in one call (a lent GPU's time is short), each stage bounded:
-#   tests  the CUDA tests (tests/test_device.py, the engines on the GPU);
+#   tests  the CUDA tests (tests/test_device.py, the engines and the batched cohort on the GPU);
 #   cuda   the scale table with train.device=cuda (plain loop, inline, batched, pool workers sharing the GPU);
 #   phases where the batched engine's GPU round goes (benchmarks/phases.py: mlp FedAvg, top-k + EF and HGC; cnn4 FedAvg, top-k + EF);
 #   cpu    the scale table on the CPU at all of the machine's cores (pool: one worker per core).
@@ -17,7 +17,8 @@ for stage in "${@:-tests cuda phases cpu}"; do
   for s in $stage; do
     case $s in
       tests) timeout 240 "$py" -m pytest -q -p no:cacheprovider -rs --timeout 180 tests/test_device.py \
-               tests/test_engines.py::test_engines_agree_on_cuda 2>&1 | tee "$out/tests.log" ;;
+               tests/test_engines.py::test_engines_agree_on_cuda tests/test_engines.py::test_cohort_training_equals_the_sequential_loop_on_cuda \
+               2>&1 | tee "$out/tests.log" ;;
       cuda) timeout 300 "$py" benchmarks/scale.py --device cuda --rounds "$rounds" --engines inline batched pool \
               --out "$out/scale_cuda.json" 2>&1 | tee "$out/scale_cuda.log" ;;
       phases) for cell in "mlp fedavg" "mlp topk1%+ef" "mlp hgc" "cnn4 fedavg" "cnn4 topk1%+ef"; do
