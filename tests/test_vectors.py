@@ -38,3 +38,17 @@ def test_copies_share_nothing(dtype, path):
     assert torch.equal(y, x[:, ::2]) and y.is_contiguous()
     y.add_(1)
     assert not torch.equal(y, x[:, ::2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_add_in_place_is_torch_s_sum_to_the_bit(dtype, path):
+    """In place, in ``a``'s own storage, with a tensor or a number (-0.0 + 0.0 is +0.0, as in
+    torch); a ``b`` of another dtype (bfloat16 memory) is added by torch, promoted as ``add_`` does."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(1000, generator=g).to(dtype)
+    a[::7] = -0.0
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    for b in (torch.randn(1000, generator=g).to(dtype), 0.0, torch.randn(1000, generator=g).to(torch.bfloat16)):
+        x, expected = a.clone(), a.clone().add_(b)
+        out = vectors.add_(x, b)
+        assert out is x and torch.equal(x.view(bits), expected.view(bits))
